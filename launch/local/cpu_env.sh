@@ -8,13 +8,28 @@ export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-${VIRTUAL_ENV:?activate the 
 export TOKENIZERS_PARALLELISM=false RAY_DEDUP_LOGS=0
 
 # start_ray N: a private single-node Ray cluster with N logical GPUs (OpenRLHF places every
-# model on a Ray GPU; here those are CPU processes). RAY_ADDRESS points the job at it.
+# model on a Ray "GPU"; here those are CPU processes); RAY_ADDRESS points jobs at it. Its own
+# temp dir and ports let several run side by side; stop_ray ends this one alone (`ray stop`
+# would end every cluster on the machine).
+free_port() { python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+
 start_ray() {
   local port
-  port=$(python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-  ray start --head --node-ip-address 127.0.0.1 --port "$port" --num-gpus "$1" --num-cpus $((2 * $1 + 2)) \
-    --include-dashboard false --disable-usage-stats >/dev/null
-  export RAY_ADDRESS=127.0.0.1:$port
+  port=$(free_port)
+  RAY_TMP=$(mktemp -d /tmp/ray.XXXXXX)  # short: Ray's unix sockets live under it
+  setsid -w ray start --head --temp-dir "$RAY_TMP" --node-ip-address 127.0.0.1 --port "$port" \
+    --ray-client-server-port "$(free_port)" --dashboard-port "$(free_port)" --include-dashboard false \
+    --num-gpus "$1" --num-cpus $((2 * $1 + 2)) --disable-usage-stats >/dev/null
+  export RAY_ADDRESS=127.0.0.1:$port RAY_TMP
 }
 
-stop_ray() { ray stop --force >/dev/null 2>&1 || true; }
+stop_ray() {
+  [ -n "${RAY_TMP:-}" ] || return 0
+  local pgid
+  # setsid gave the cluster its own process group, which `ray start` leaves all its processes in.
+  pgid=$(ps -o pgid= -p "$(pgrep -f "gcs_server.*$RAY_TMP" | head -n 1)" 2>/dev/null | tr -d ' ')
+  [ -z "$pgid" ] || { kill -TERM -- "-$pgid" 2>/dev/null; sleep 2; kill -KILL -- "-$pgid" 2>/dev/null; }
+  rm -rf "$RAY_TMP"
+  unset RAY_TMP
+  return 0
+}

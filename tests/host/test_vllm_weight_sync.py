@@ -9,7 +9,7 @@ actor's, and before it they must not.
 import pytest
 import torch
 
-from openrlhf_cropi.host_args import parse_train_ppo_ray_args
+from openrlhf_cropi.cli.train_ppo_ray import parse_args
 
 pytestmark = [pytest.mark.host, pytest.mark.e2e]
 
@@ -31,7 +31,7 @@ def test_broadcast_to_vllm_makes_engine_match_actor(cpu_env, tiny_models):
     from openrlhf.utils import get_strategy
 
     engine_model, actor_model = map(str, tiny_models)
-    args = parse_train_ppo_ray_args(
+    args = parse_args(
         ["--actor.model_name_or_path", actor_model, "--vllm.num_engines", "1", "--vllm.sync_backend", "gloo",
          "--vllm.enforce_eager", "--actor.num_gpus_per_node", "1", "--ds.attn_implementation", "eager",
          "--ds.zero_stage", "2", "--algo.kl.init_coef", "0", "--data.max_len", "64",

@@ -1,0 +1,138 @@
+"""The `--cropi.*` flags: one typed, validated dataclass, registered on OpenRLHF's own parser.
+
+Each field of `CropiArgs` is one flag (`--cropi.<field>`); its help is the field's metadata.
+`check_host_args` rejects OpenRLHF settings CROPI cannot work with, naming the flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+SELECTORS = ("influence", "random", "learnability", "pass_rate")
+PROJECTORS = ("sjlt", "gaussian", "rademacher")
+
+
+class CropiFlagError(ValueError):
+    """A flag value CROPI cannot run with; the message starts with the flag's name."""
+
+
+def _flag(default, help: str, **argparse_kwargs):
+    return field(default=default, metadata={"help": help, **argparse_kwargs})
+
+
+@dataclass
+class CropiArgs:
+    enable: bool = _flag(False, "Train each phase on the most influential prompts of the pool (CROPI).")
+    val_datasets: list[str] = _flag(
+        None,
+        "Validation sets, one or several (each in --data.prompt_dataset syntax, same keys as the pool). "
+        "Scores are fused over them by reciprocal rank.",
+        nargs="+",
+    )
+    val_split: str = _flag("train", "Split read from each validation set.")
+    alpha: float = _flag(0.1, "Fraction of the pool selected for each phase, in (0, 1].")
+    steps_per_phase: int = _flag(8, "Global steps (rollout batches) per phase.")
+    num_phases: int = _flag(4, "Phases in the run; the run lasts num_phases x steps_per_phase global steps.")
+    train_samples: int = _flag(8, "Behavior responses per pool prompt (K), generated once from the initial policy.")
+    val_samples: int = _flag(32, "Behavior responses per validation prompt.")
+    behavior_temperature: float = _flag(1.0, "Sampling temperature of the behavior rollouts.")
+    max_val_prompts: int = _flag(100, "Cap on validation prompts per set (seeded choice among non-zero-variance ones).")
+    keep_ratio: float = _flag(0.1, "Fraction of gradient coordinates kept before projection, in (0, 1].")
+    proj_dim: int = _flag(32768, "Dimension of the projected gradients.")
+    projector: str = _flag("sjlt", "Random projection of the kept coordinates.", choices=PROJECTORS)
+    rrf_k: float = _flag(
+        0.0,
+        "Reciprocal rank fusion constant k in sum_v 1/(k + rank_v), ranks counted within each top alpha*N; "
+        "0 (as in the reference code) interleaves the per-set leaders, 60 (classical RRF) favours agreement.",
+    )
+    seed: int = _flag(0, "Seed of the coordinate subset, the projection and the validation cap.")
+    store_dir: str = _flag(None, "Rollouts, scores and selections (default: <--ckpt.path>/cropi).")
+    selector: str = _flag(
+        "influence", "How the subset is chosen; the baselines run through the identical pipeline.", choices=SELECTORS
+    )
+
+    def __post_init__(self):
+        if not self.enable:
+            return
+        if not self.val_datasets and self.selector == "influence":
+            raise CropiFlagError("--cropi.val_datasets: the influence selector needs at least one validation set")
+        for path in self.val_datasets or []:
+            local = path.split("@")[0].strip()
+            if os.path.splitext(local)[1] in {".json", ".jsonl", ".csv", ".parquet", ".arrow"}:
+                if not os.path.isfile(local):
+                    raise CropiFlagError(f"--cropi.val_datasets: no such file: {local}")
+        if not 0 < self.alpha <= 1:
+            raise CropiFlagError(f"--cropi.alpha: must be in (0, 1], got {self.alpha}")
+        if not 0 < self.keep_ratio <= 1:
+            raise CropiFlagError(f"--cropi.keep_ratio: must be in (0, 1], got {self.keep_ratio}")
+        for name in ("steps_per_phase", "num_phases", "proj_dim", "max_val_prompts"):
+            if getattr(self, name) < 1:
+                raise CropiFlagError(f"--cropi.{name}: must be >= 1, got {getattr(self, name)}")
+        for name in ("train_samples", "val_samples"):
+            if getattr(self, name) < 2:
+                raise CropiFlagError(f"--cropi.{name}: group-normalised advantages need >= 2, got {getattr(self, name)}")
+        if not self.behavior_temperature > 0:
+            raise CropiFlagError(f"--cropi.behavior_temperature: must be > 0, got {self.behavior_temperature}")
+        if self.rrf_k < 0:
+            raise CropiFlagError(f"--cropi.rrf_k: must be >= 0, got {self.rrf_k}")
+
+
+def add_cropi_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("CROPI (openrlhf-cropi)")
+    for f in dataclasses.fields(CropiArgs):
+        kwargs = dict(f.metadata)
+        if f.type in ("bool", bool):
+            kwargs["action"] = "store_true"
+        else:
+            kwargs["type"] = {"int": int, "float": float}.get(str(f.type), str)
+        group.add_argument(f"--cropi.{f.name}", default=f.default, **kwargs)
+
+
+def cropi_args(args: SimpleNamespace) -> CropiArgs:
+    """The validated CropiArgs of hierarchical train_ppo_ray args; raises CropiFlagError."""
+    return CropiArgs(**vars(args.cropi))
+
+
+def check_host_args(args: SimpleNamespace) -> None:
+    """OpenRLHF settings CROPI cannot run with, and validation sets that lack the data keys."""
+    unsupported = [
+        (args.train.async_enable, "--train.async_enable: CROPI swaps the prompt sampler between synchronous steps"),
+        (args.ds.tensor_parallel_size > 1, "--ds.tensor_parallel_size > 1: per-prompt gradients need whole parameters or ZeRO shards"),
+        (args.ds.ring_attn_size > 1, "--ds.ring_attn_size > 1: per-prompt gradients are computed without ring attention"),
+        (args.data.dataloader_num_workers > 0, "--data.dataloader_num_workers > 0: worker processes would prefetch from a stale subset"),
+        (args.train.num_episodes != 1, "--train.num_episodes: CROPI sets the run length with --cropi.num_phases x --cropi.steps_per_phase; leave it at 1"),
+        (args.ds.lora.rank > 0, "--ds.lora.rank: gradients of LoRA adapters are not supported yet"),
+        (args.algo.dynamic_filtering_enable, "--algo.dynamic_filtering_enable: filtered prompts would desynchronise the phase schedule"),
+        (args.train.agent_func_path is not None, "--train.agent_func_path: behavior rollouts need the single-turn reward path (--reward.remote_url)"),
+        (not args.reward.remote_url, "--reward.remote_url: behavior rollouts need a verifiable reward (a reward .py file or URL)"),
+    ]  # fmt: skip
+    for bad, message in unsupported:
+        if bad:
+            raise CropiFlagError(message)
+    _check_validation_columns(args)
+
+
+def _check_validation_columns(args: SimpleNamespace) -> None:
+    """Each local validation file has the pool's input and label columns (hub sets: at run time)."""
+    import datasets
+
+    keys = [k for k in (args.data.input_key, args.data.label_key) if k]
+    for spec in args.cropi.val_datasets or []:
+        path = spec.split("@")[0].strip()
+        loader = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}.get(os.path.splitext(path)[1])
+        if loader is None:
+            continue
+        try:
+            columns = datasets.load_dataset(loader, data_files=path, split="train").column_names
+        except Exception as error:  # a malformed file: say which one
+            raise CropiFlagError(f"--cropi.val_datasets: cannot read {path}: {error}") from None
+        missing = [k for k in keys if k not in columns]
+        if missing:
+            raise CropiFlagError(
+                f"--cropi.val_datasets: {path} has no column {missing[0]!r} "
+                f"(set by --data.input_key/--data.label_key; its columns: {columns})"
+            )

@@ -1,0 +1,1 @@
+"""Ray actor classes that replace OpenRLHF's PPO trainer and policy actor when --cropi.enable is set."""

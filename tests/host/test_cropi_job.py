@@ -1,0 +1,152 @@
+"""A whole CROPI job on the CPU stack: phases, killed after the first boundary, resumed.
+
+One job (tiny model, 16-prompt pool, one validation set, 3 phases x 2 steps) is killed as soon
+as its step-2 checkpoint (taken right after the phase-1 selection) is on disk, then resumed
+with --ckpt.load_enable. Checked:
+- phases re-scored at new weights, the sampler switched to each new subset;
+- the in-job phase-1 cosines equal `cropi score` (the offline CLI) on the step-2 checkpoint
+  and the job's own rollout store;
+- the resumed job trains phase 1 on the same subset, generates no rollout, redoes no
+  selection, selects phase 2 at step 4 and trains on to the end.
+"""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.host, pytest.mark.e2e]
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+REWARD = ROOT / "launch/local/smoke/reward.py"
+
+
+def _jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _job_command(tmp_path, model, *extra):
+    pool = _jsonl(tmp_path / "pool.jsonl", [{"prompt": f"What is {a} - {b}?", "label": str(a - b)}
+                                            for a, b in zip(range(30, 46), range(3, 50, 3))])  # fmt: skip
+    val = _jsonl(tmp_path / "val.jsonl", [{"prompt": f"What is {a} + {a}?", "label": str(2 * a)} for a in range(11, 17)])
+    flags = [
+        "--actor.model_name_or_path", model, "--reward.remote_url", REWARD,
+        "--data.prompt_dataset", pool, "--data.input_key", "prompt", "--data.label_key", "label",
+        "--data.apply_chat_template", "--data.max_len", "64", "--rollout.max_new_tokens", "12",
+        "--algo.advantage.estimator", "group_norm", "--rollout.n_samples_per_prompt", "4",
+        "--rollout.batch_size", "2", "--rollout.micro_batch_size", "4", "--train.batch_size", "8",
+        "--train.micro_batch_size", "4", "--actor.adam.lr", "5e-3", "--actor.lr_warmup_ratio", "0",
+        "--algo.kl.init_coef", "1e-3", "--algo.kl.use_loss", "--algo.kl.estimator", "k3",
+        "--actor.num_gpus_per_node", "1", "--ref.num_gpus_per_node", "1",
+        "--vllm.num_engines", "1", "--vllm.sync_backend", "gloo", "--vllm.enforce_eager",
+        "--ds.zero_stage", "2", "--ds.attn_implementation", "eager", "--train.seed", "0",
+        "--ckpt.path", tmp_path / "ckpt", "--ckpt.save_steps", "2", "--ckpt.save_hf",
+        "--ckpt.output_dir", tmp_path / "final", "--logger.tensorboard_dir", tmp_path / "tb",
+        "--cropi.enable", "--cropi.val_datasets", val, "--cropi.alpha", "0.25",
+        "--cropi.steps_per_phase", "2", "--cropi.num_phases", "3", "--cropi.train_samples", "4",
+        "--cropi.val_samples", "4", "--cropi.keep_ratio", "0.5", "--cropi.proj_dim", "256", *extra,
+    ]  # fmt: skip
+    script = '. launch/local/cpu_env.sh; start_ray 3; trap stop_ray EXIT; python -m openrlhf_cropi.cli.train_ppo_ray "$@"'
+    return ["bash", "-c", script, "cropi-job", *map(str, flags)]
+
+
+def _run_until(command, done, log, timeout=900):
+    """Run the job; when done() turns true, kill it (its whole process group) as a crash would."""
+    with open(log, "w") as out:
+        job = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + timeout
+        while job.poll() is None and time.time() < deadline:
+            if done():
+                os.killpg(job.pid, signal.SIGTERM)
+                break
+            time.sleep(0.5)
+        else:
+            if job.poll() is None:
+                os.killpg(job.pid, signal.SIGKILL)
+        return job.wait(60)
+
+
+def _tensorboard_runs(tb_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    runs = []
+    for run in sorted(p for p in tb_dir.iterdir() if p.is_dir()):
+        events = EventAccumulator(str(run))
+        events.Reload()
+        runs.append({t: [(e.step, e.value) for e in events.Scalars(t)] for t in events.Tags()["scalars"]})
+    return runs
+
+
+def _sampler_state(checkpoint_file):
+    def find(node):
+        if isinstance(node, dict):
+            if "subset" in node and "phase" in node:
+                return node
+            for value in node.values():
+                if (found := find(value)) is not None:
+                    return found
+        return None
+
+    return find(torch.load(checkpoint_file, map_location="cpu", weights_only=False))
+
+
+def test_two_phases_offline_equality_and_resume(cpu_env, tiny_models, tmp_path):
+    model = str(tiny_models[0])
+    store = tmp_path / "ckpt/cropi"
+    step2 = tmp_path / "ckpt/global_step2_hf"
+
+    # The HF copy is written after the DeepSpeed checkpoint, its tokenizer last.
+    rc = _run_until(_job_command(tmp_path, model), (step2 / "tokenizer_config.json").exists, tmp_path / "run1.log")
+    log1 = (tmp_path / "run1.log").read_text()
+    assert (step2 / "tokenizer_config.json").exists(), f"job ended (rc={rc}) before its step-2 checkpoint:\n{log1[-5000:]}"
+    assert not (tmp_path / "ckpt/_actor/global_step4").exists(), "the job was killed too late"
+
+    phases = [json.loads((store / f"phases/phase-{m:03d}.json").read_text()) for m in (0, 1)]
+    assert [p["phase"] for p in phases] == [0, 1]
+    assert all(len(p["selected"]) == 4 for p in phases)
+    assert phases[0]["cosines"] != phases[1]["cosines"]  # re-scored at the new weights
+    assert len((store / "phases/phase-001.jsonl").read_text().splitlines()) == 4
+
+    # The offline CLI at the step-2 checkpoint, on the job's own store, scores like the job did.
+    out = tmp_path / "offline.json"
+    subprocess.run(
+        [sys.executable, "-m", "openrlhf_cropi.cli.cropi", "score", "--model", str(step2),
+         "--train", str(store / "rollouts/pool"), "--val", str(store / "rollouts/val0"), "--keep-ratio", "0.5",
+         "--proj-dim", "256", "--projector", "sjlt", "--seed", "0", "--out", str(out)],
+        check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    offline = {e["index"]: e["cosines"] for e in json.loads(out.read_text())["prompts"]}
+    in_job = phases[1]["cosines"][0]
+    scored = [i for i, c in enumerate(in_job) if c is not None]
+    assert scored and all(offline[i] is not None for i in scored)
+    assert all(offline[i] is None for i, c in enumerate(in_job) if c is None)
+    torch.testing.assert_close(torch.tensor([offline[i][0] for i in scored]), torch.tensor([in_job[i] for i in scored]),
+                               atol=2e-3, rtol=0)  # fmt: skip
+
+    # Resume: no rollout regenerated, no selection redone, same phase and subset, training goes on.
+    state = _sampler_state(tmp_path / "ckpt/_actor/global_step2/mp_rank_00_model_states.pt")
+    assert state["phase"] == 1 and sorted(state["subset"]) == sorted(phases[1]["selected"])
+    chunks = {p: p.stat().st_mtime_ns for p in (store / "rollouts").rglob("chunk-*.pt")}
+    phase_files = {p: p.stat().st_mtime_ns for p in (store / "phases").glob("phase-00[01].*")}
+    rc = _run_until(_job_command(tmp_path, model, "--ckpt.load_enable"), lambda: False, tmp_path / "run2.log")
+    log2 = (tmp_path / "run2.log").read_text()
+    assert rc == 0, log2[-5000:]
+    assert {p: p.stat().st_mtime_ns for p in (store / "rollouts").rglob("chunk-*.pt")} == chunks
+    assert {p: p.stat().st_mtime_ns for p in (store / "phases").glob("phase-00[01].*")} == phase_files
+    assert "CROPI behavior rollouts" not in log2
+    assert "CROPI phase 0" not in log2 and "CROPI phase 1" not in log2 and "CROPI phase 2" in log2
+
+    resumed = _tensorboard_runs(tmp_path / "tb")[-1]
+    assert [s for s, _ in resumed["train/policy_loss"]] == [3, 4, 5, 6]
+    assert [v for _, v in resumed["train/cropi/phase"]] == [1.0, 2.0, 2.0, 2.0]  # step 4 ends with the switch
+    phase2 = json.loads((store / "phases/phase-002.json").read_text())
+    state = _sampler_state(tmp_path / "ckpt/_actor/global_step6/mp_rank_00_model_states.pt")
+    assert state["phase"] == 2 and sorted(state["subset"]) == sorted(phase2["selected"])
+    assert (tmp_path / "final/model.safetensors").exists()
