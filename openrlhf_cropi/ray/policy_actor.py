@@ -14,6 +14,7 @@ import ray
 import torch
 import torch.distributed as dist
 from openrlhf.trainer.ray.ppo_actor import PolicyModelActor
+from tqdm import tqdm
 
 from openrlhf_cropi.core.gradients import (
     behavior_log_probs,
@@ -65,7 +66,10 @@ class _CropiPolicyModelActor(PolicyModelActor.__ray_actor_class__):
         was_training = model.training
         model.eval()
         log_prob_fn = causal_lm_log_prob_fn(model, temperature)
-        out = [behavior_log_probs(log_prob_fn, it["prompt_ids"], it["responses"], max_tokens, device) for it in mine]
+        out = [
+            behavior_log_probs(log_prob_fn, it["prompt_ids"], it["responses"], max_tokens, device)
+            for it in tqdm(mine, desc="CROPI behavior log-probs", disable=_rank() != 0)
+        ]
         self._idle_passes(max(passes) - passes[_rank()], backward=False)
         model.train(was_training)
         return out
@@ -82,7 +86,7 @@ class _CropiPolicyModelActor(PolicyModelActor.__ray_actor_class__):
         was_training = model.training
         model.eval()
         vectors = []
-        for it in mine:
+        for it in tqdm(mine, desc="CROPI gradients", disable=_rank() != 0):
             grads = prompt_gradient(
                 log_prob_fn, params, it["prompt_ids"], it["responses"], it["rewards"], it["behavior"],
                 max_tokens, device, shapes,

@@ -55,15 +55,15 @@ class _CropiPPOTrainer(PPOTrainer.__ray_actor_class__):
         self.max_steps = (
             total_draws * rollout.n_samples_per_prompt // self.args.train.batch_size * self.args.train.max_epochs
         )
-        # Each split: its PromptDataset (what the engines see) and its original rows (what users
-        # reuse). The pool rows are loaded by the call prepare_datasets made, so they line up.
+        # Each split: its PromptDataset (what the engines see), its original rows (what users
+        # reuse) and its source. The pool rows come from the call prepare_datasets made, so they line up.
         data = self.args.data
         pool_rows = blending_datasets(
             data.prompt_dataset, data.prompt_probs, strategy, self.args.train.seed,
             max_count=data.max_samples, dataset_split=data.prompt_split,
         )  # fmt: skip
         pool_rows = pool_rows.select(range(min(data.max_samples, len(pool_rows))))
-        self.splits = {"pool": (pool, pool_rows), **self._validation_sets()}
+        self.splits = {"pool": (pool, pool_rows, data.prompt_dataset), **self._validation_sets()}
         self._records: dict[str, list[PromptRollouts]] = {}
         self._pending_status: dict = {}
 
@@ -79,19 +79,19 @@ class _CropiPPOTrainer(PPOTrainer.__ray_actor_class__):
                     f"(--data.input_key/--data.label_key; columns: {data.column_names})"
                 )
             prompts = PromptDataset(data, self.tokenizer, self.strategy, input_template=self.args.data.input_template)
-            sets[f"val{v}"] = (prompts, data)
+            sets[f"val{v}"] = (prompts, data, spec)
         return sets
 
     # ---- behavior rollouts -------------------------------------------------------------------
 
     def _ensure_rollouts(self) -> None:
-        for split, (dataset, rows) in self.splits.items():
+        for split, (dataset, rows, source) in self.splits.items():
             samples = self.cropi.train_samples if split == "pool" else self.cropi.val_samples
             # temperature and max_tokens (the teacher-forcing micro-batch budget) are what
             # `cropi score` needs to reproduce these log-probs offline.
             meta = {
                 "split": split,
-                "source": self.args.data.prompt_dataset if split == "pool" else self.cropi.val_datasets[int(split[3:])],
+                "source": source,
                 "model": self.args.actor.model_name_or_path,
                 "samples": samples,
                 "temperature": self.cropi.behavior_temperature,
@@ -109,7 +109,7 @@ class _CropiPPOTrainer(PPOTrainer.__ray_actor_class__):
         for split, records in self._records.items():
             if split != "pool" and bool(zero_variance(torch.stack([r.rewards for r in records])).all()):
                 raise CropiFlagError(
-                    f"--cropi.val_datasets: {self.cropi.val_datasets[int(split[3:])]}: all {len(records)} prompts have "
+                    f"--cropi.val_datasets: {self.splits[split][2]}: all {len(records)} prompts have "
                     "the same reward in every behavior sample, so no validation gradient exists to score against "
                     f"(rollouts kept in {self.store_dir / 'rollouts' / split})"
                 )
@@ -183,6 +183,11 @@ class _CropiPPOTrainer(PPOTrainer.__ray_actor_class__):
         pool = self._records["pool"]
         has_variance = ~zero_variance(torch.stack([r.rewards for r in pool]))
         pass_rate = torch.stack([r.rewards.double().mean() for r in pool])
+        if self.cropi.selector != "random" and not has_variance.any():
+            raise RuntimeError(
+                f"CROPI: all {len(pool)} pool prompts got the same reward in every behavior sample, so none can be "
+                "selected: check the reward function, or raise --cropi.train_samples"
+            )
         status = {"cropi/phase": phase, "cropi/prompts_zero_variance": float((~has_variance).sum())}
         if self.cropi.selector != "influence":
             selected, scores = select_prompts(

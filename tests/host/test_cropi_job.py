@@ -32,12 +32,12 @@ def _jsonl(path, rows):
     return path
 
 
-def _job_command(tmp_path, model, *extra):
+def _job_command(tmp_path, model, *extra, reward=REWARD, val_label=lambda a: str(2 * a)):
     pool = _jsonl(tmp_path / "pool.jsonl", [{"prompt": f"What is {a} - {b}?", "label": str(a - b)}
                                             for a, b in zip(range(30, 46), range(3, 50, 3))])  # fmt: skip
-    val = _jsonl(tmp_path / "val.jsonl", [{"prompt": f"What is {a} + {a}?", "label": str(2 * a)} for a in range(11, 17)])
+    val = _jsonl(tmp_path / "val.jsonl", [{"prompt": f"What is {a} + {a}?", "label": val_label(a)} for a in range(11, 17)])
     flags = [
-        "--actor.model_name_or_path", model, "--reward.remote_url", REWARD,
+        "--actor.model_name_or_path", model, "--reward.remote_url", reward,
         "--data.prompt_dataset", pool, "--data.input_key", "prompt", "--data.label_key", "label",
         "--data.apply_chat_template", "--data.max_len", "64", "--rollout.max_new_tokens", "12",
         "--algo.advantage.estimator", "group_norm", "--rollout.n_samples_per_prompt", "4",
@@ -150,3 +150,25 @@ def test_two_phases_offline_equality_and_resume(cpu_env, tiny_models, tmp_path):
     state = _sampler_state(tmp_path / "ckpt/_actor/global_step6/mp_rank_00_model_states.pt")
     assert state["phase"] == 2 and sorted(state["subset"]) == sorted(phase2["selected"])
     assert (tmp_path / "final/model.safetensors").exists()
+
+
+def test_validation_set_without_reward_variance_stops_before_training(cpu_env, tiny_models, tmp_path):
+    """Every validation prompt gets the same reward in all its samples: no validation gradient
+    exists. The job must say so and stop before any training step, keeping the rollouts."""
+    reward = tmp_path / "reward.py"
+    reward.write_text(
+        "import torch\n"
+        "def reward_func(queries, prompts, labels, **kw):\n"
+        "    # The validation rows are labelled 'same': a constant reward. Pool prompts: a varied one.\n"
+        "    r = torch.tensor([1.0 if l == 'same' else float(len(q) % 3) for q, l in zip(queries, labels)])\n"
+        "    return {'rewards': r, 'scores': r, 'extra_logs': {}}\n"
+    )
+    rc = _run_until(_job_command(tmp_path, str(tiny_models[0]), reward=reward, val_label=lambda a: "same"),
+                    lambda: False, tmp_path / "run.log")  # fmt: skip
+    log = (tmp_path / "run.log").read_text()
+    assert rc != 0
+    assert f"--cropi.val_datasets: {tmp_path / 'val.jsonl'}: all 6 prompts have the same reward" in log
+    store = tmp_path / "ckpt/cropi"
+    assert len(list((store / "rollouts/val0").glob("chunk-*.pt"))) == 1  # the rollouts are kept
+    assert not (store / "phases").exists()  # nothing selected
+    assert not any("train/policy_loss" in run for run in _tensorboard_runs(tmp_path / "tb"))  # nor trained
