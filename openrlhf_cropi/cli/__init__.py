@@ -1,0 +1,1 @@
+"""Command-line tools (the ``cropi`` console script)."""

@@ -1,0 +1,47 @@
+"""Group-normalised advantages of one prompt's K rewards, and zero-variance detection.
+
+A_k = (r_k - mean(r)) / (std(r) + eps), exactly as OpenRLHF 0.11.2 computes them for
+``--algo.advantage.estimator group_norm`` (trainer/ppo_utils/experience_maker.py,
+``compute_advantages_and_returns``): rewards promoted to at least float32, ``torch.std``
+with its default Bessel correction (the unbiased, K-1 denominator) and eps = 1e-9.
+
+One deliberate difference: a group whose rewards are all equal gets advantages of exactly 0
+here. OpenRLHF divides a float-rounding residue of r - mean(r) by 1e-9 in that case; the true
+value is 0, the gradient is 0, and CROPI must skip such prompts before any forward pass.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+GROUP_NORM_EPS = 1e-9
+
+
+def _as_rewards(rewards: torch.Tensor | Sequence[float]) -> torch.Tensor:
+    r = torch.as_tensor(rewards)
+    return r.to(torch.promote_types(r.dtype, torch.float32))
+
+
+def zero_variance(rewards: torch.Tensor | Sequence[float]) -> torch.Tensor:
+    """True where a group's rewards are all equal (or it has fewer than 2), over the last dim.
+
+    Decided from the rewards alone, with exact comparisons (no tolerance): such a group has
+    A = 0 and therefore a zero gradient in every phase, so it costs no forward pass.
+    """
+    r = _as_rewards(rewards)
+    if r.shape[-1] < 2:
+        return torch.ones(r.shape[:-1], dtype=torch.bool)
+    return r.amax(dim=-1) == r.amin(dim=-1)
+
+
+def group_advantages(rewards: torch.Tensor | Sequence[float]) -> torch.Tensor:
+    """Group-normalised advantages over the last dim (K >= 2 rewards per group), float32 or wider."""
+    r = _as_rewards(rewards)
+    if r.shape[-1] < 2:
+        raise ValueError(f"group advantages need at least 2 rewards per group, got {r.shape[-1]}")
+    if not torch.isfinite(r).all():
+        raise ValueError("rewards must be finite")
+    adv = (r - r.mean(-1, keepdim=True)) / (r.std(-1, keepdim=True) + GROUP_NORM_EPS)
+    return torch.where(zero_variance(r).unsqueeze(-1), torch.zeros_like(adv), adv)

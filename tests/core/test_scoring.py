@@ -1,0 +1,112 @@
+"""Ranking, reciprocal rank fusion, top-alpha selection and baselines on hand-built inputs."""
+
+import pytest
+import torch
+
+from openrlhf_cropi.core.scoring import (
+    choose_validation,
+    cosine,
+    num_to_select,
+    pass_rates,
+    ranks,
+    reciprocal_rank_fusion,
+    select_prompts,
+    select_top,
+    validation_vector,
+)
+
+T = torch.tensor
+ALL = lambda n: torch.ones(n, dtype=torch.bool)  # noqa: E731
+
+
+def test_ranks_are_one_based_with_index_tie_break():
+    s = T([0.5, 0.9, 0.5, -1.0, 0.9])
+    assert ranks(s, ALL(5)).tolist() == [3, 1, 4, 5, 2]
+    eligible = T([True, False, True, True, False])
+    assert ranks(s, eligible).tolist() == [1, 0, 2, 3, 0]
+
+
+def test_rrf_by_hand():
+    a = T([0.9, 0.8, 0.1, 0.5, 0.0])  # ranks 1 2 4 3 5
+    b = T([0.0, 0.7, 0.9, 0.8, 0.1])  # ranks 5 3 1 2 4
+    fused = reciprocal_rank_fusion([a, b], ALL(5), k=60)
+    want = [1 / 61 + 1 / 65, 1 / 62 + 1 / 63, 1 / 64 + 1 / 61, 1 / 63 + 1 / 62, 1 / 65 + 1 / 64]
+    torch.testing.assert_close(fused, T(want, dtype=torch.float64))
+    # k = 0 and depth 2: only ranks 1-2 of each list count.
+    fused0 = reciprocal_rank_fusion([a, b], ALL(5), k=0, depth=2)
+    assert fused0.tolist() == [1.0, 0.5, 1.0, 0.5, 0.0]
+    # Ineligible prompts get nothing and do not take a rank.
+    elig = T([False, True, True, True, True])
+    assert reciprocal_rank_fusion([a], elig, k=0).tolist() == [0.0, 1.0, 1 / 3, 1 / 2, 1 / 4]
+
+
+def test_select_top_ties_and_shortfall():
+    s = T([1.0, 3.0, 3.0, 2.0, 3.0])
+    assert select_top(s, 3, ALL(5)) == [1, 2, 4]
+    assert select_top(s, 2, T([True, False, True, True, True])) == [2, 4]
+    with pytest.warns(UserWarning, match="only 2 eligible"):
+        assert select_top(s, 4, T([True, False, False, True, False])) == [3, 0]
+
+
+def test_num_to_select():
+    assert num_to_select(0.1, 100) == 10
+    assert num_to_select(0.29, 100) == 29  # 0.29 * 100 = 28.999... in floats
+    assert num_to_select(0.1, 5) == 1
+    with pytest.raises(ValueError):
+        num_to_select(0.0, 10)
+
+
+def test_influence_selection_skips_unscored_and_fuses():
+    has_var = T([True, True, True, False, True, True, True, True, True, True])
+    scored = has_var & T([True] * 9 + [False])  # prompt 9: non-finite gradient
+    v1 = T([0.1, 0.9, 0.2, 0.0, 0.3, 0.4, 0.5, 0.6, 0.7, 0.99], dtype=torch.float64)
+    v2 = T([0.8, 0.1, 0.7, 0.0, 0.2, 0.3, 0.4, 0.5, 0.6, 0.99], dtype=torch.float64)
+    v1[3] = v2[3] = 5.0  # a zero-variance prompt with a (bogus) high score must still be skipped
+    rate = torch.full((10,), 0.5, dtype=torch.float64)
+    chosen, fused = select_prompts("influence", 0.2, has_var, rate, [v1], scored)
+    assert chosen == [1, 8]  # top-2 by cosine among scored
+    chosen, fused = select_prompts("influence", 0.2, has_var, rate, [v1, v2], scored)
+    assert chosen == [0, 1]  # rank 1 of each set (k = 0, depth 2)
+    assert fused[0] == fused[1] == 1.0 and fused[3] == fused[9] == 0.0
+    chosen, fused = select_prompts("influence", 0.3, has_var, rate, [v1, v2], scored)
+    # depth 3: v1 ranks 1, 8, 7; v2 ranks 0, 2, 8. Prompt 8 (1/2 + 1/3) beats 2 (1/2) and 7 (1/3).
+    assert chosen == [0, 1, 8]
+    assert fused[8] == pytest.approx(1 / 2 + 1 / 3) and fused[2] == 0.5 and fused[7] == pytest.approx(1 / 3)
+
+
+def test_baselines_on_hand_built_pass_rates():
+    rate = T([0.0, 0.5, 0.25, 1.0, 0.75, 0.125, 0.5, 0.0], dtype=torch.float64)
+    has_var = (rate > 0) & (rate < 1)
+    chosen, scores = select_prompts("learnability", 0.25, has_var, rate)
+    assert chosen == [1, 6]  # p(1-p) = 0.25 at p = 0.5, tie by index
+    torch.testing.assert_close(scores, rate * (1 - rate))
+    chosen, _ = select_prompts("pass_rate", 0.375, has_var, rate)
+    assert chosen == [5, 2, 1]  # lowest pass rate first, but 0.0 (no variance) never
+    r1, _ = select_prompts("random", 0.5, has_var, rate, seed=1)
+    assert r1 == select_prompts("random", 0.5, has_var, rate, seed=1)[0]
+    assert r1 != select_prompts("random", 0.5, has_var, rate, seed=2)[0]
+    assert len(r1) == 4 and len(set(r1)) == 4
+    # random draws from the whole pool: over seeds, zero-variance prompts do get picked.
+    assert any(0 in select_prompts("random", 0.5, has_var, rate, seed=s)[0] for s in range(20))
+    with pytest.raises(ValueError):
+        select_prompts("influence", 0.5, has_var, rate)  # no cosines
+
+
+def test_pass_rates_and_validation_choice():
+    assert pass_rates([[1, 0, 0, 1], [0.5, 0.5]]).tolist() == [0.5, 0.5]
+    cands = list(range(0, 300, 2))
+    a = choose_validation(cands, 100, seed=0)
+    assert len(a) == 100 and a == sorted(a) and set(a) <= set(cands)
+    assert a == choose_validation(list(reversed(cands)), 100, seed=0)  # order of candidates irrelevant
+    assert a != choose_validation(cands, 100, seed=1)
+    assert choose_validation(cands, 0, seed=0) == cands
+    assert choose_validation([3, 1], 100, seed=0) == [1, 3]
+
+
+def test_validation_vector_and_cosine():
+    vecs = T([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    torch.testing.assert_close(validation_vector(vecs), T([2 / 3, 2 / 3], dtype=torch.float64))
+    assert cosine(T([1.0, 1.0]), validation_vector(vecs)).item() == pytest.approx(1.0)
+    assert cosine(T([[1.0, -1.0], [0.0, 0.0]]), T([1.0, 1.0])).tolist() == [0.0, 0.0]
+    with pytest.raises(ValueError):
+        validation_vector(torch.zeros(0, 2))
