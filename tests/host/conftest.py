@@ -2,6 +2,7 @@
 
 import os
 import pathlib
+import sys
 
 import pytest
 
@@ -20,6 +21,9 @@ def cpu_env():
         or str(pathlib.Path(os.environ.get("VIRTUAL_ENV", ROOT / ".venv")) / "torch_extensions"),
     }
     os.environ.update(env)
+    # Scripts the tests start find this interpreter's `python` and `ray` even when the venv
+    # was not activated (CI runs `.venv/bin/python -m pytest`).
+    os.environ["PATH"] = f"{pathlib.Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
     return env
 
 

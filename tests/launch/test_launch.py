@@ -56,7 +56,10 @@ RECIPE_VARS = (
 
 
 def clean_env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in RECIPE_VARS}
+    """The caller's environment without anything the recipes read or the launchers forward to
+    the job (other tests in the session may have set some, e.g. TOKENIZERS_PARALLELISM)."""
+    forwarded = lib_constant("CROPI_FORWARD_ENV_DEFAULT").split()
+    env = {k: v for k, v in os.environ.items() if k not in RECIPE_VARS and k not in forwarded}
     env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
     env.update({k: str(v) for k, v in extra.items()})
     return env
