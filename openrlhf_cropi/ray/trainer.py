@@ -84,7 +84,9 @@ class _CropiPPOTrainer(PPOTrainer.__ray_actor_class__):
 
     # ---- behavior rollouts -------------------------------------------------------------------
 
-    def _ensure_rollouts(self) -> None:
+    def _ensure_rollouts(self) -> float:
+        """Generate and store what the store lacks; returns the seconds that took (0 on a full store)."""
+        t0 = time.time()
         for split, (dataset, rows, source) in self.splits.items():
             samples = self.cropi.train_samples if split == "pool" else self.cropi.val_samples
             # temperature and max_tokens (the teacher-forcing micro-batch budget) are what
@@ -113,6 +115,7 @@ class _CropiPPOTrainer(PPOTrainer.__ray_actor_class__):
                     "the same reward in every behavior sample, so no validation gradient exists to score against "
                     f"(rollouts kept in {self.store_dir / 'rollouts' / split})"
                 )
+        return time.time() - t0
 
     def _rollout_chunk(self, dataset: PromptDataset, rows, indices: list[int], samples: int) -> list[PromptRollouts]:
         from vllm import SamplingParams
@@ -285,20 +288,32 @@ class _CropiPPOTrainer(PPOTrainer.__ray_actor_class__):
     # ---- the loop ----------------------------------------------------------------------------
 
     def fit(self, global_step: int = 0) -> None:
-        self._ensure_rollouts()
+        t_rollouts = self._ensure_rollouts()
         # A resumed run finds its phase and subset in the checkpoint's sampler state.
         if self.init_checkpoint_states()["global_step"] == 0:
-            self._pending_status = self._select(0)
+            if self.eval_dataloader is not None and self.args.eval.steps > 0:
+                # The initial policy's accuracy: the point every curve starts from.
+                self.evaluate(0, **self._eval_generate_kwargs())
+            self._pending_status = {**self._select(0), "cropi/time_rollouts": t_rollouts}
         super().fit(global_step)
 
+    def _eval_generate_kwargs(self) -> dict:
+        # What PPOTrainer.fit passes to evaluate()
+        return {
+            **self.generate_kwargs,
+            "temperature": self.args.eval.temperature,
+            "n_samples_per_prompt": self.args.eval.n_samples_per_prompt,
+        }
+
     def train_step(self, rollout_samples, global_step: int):
+        trained_phase = self.sampler.phase  # the subset these samples were drawn from
         status, global_step = super().train_step(rollout_samples, global_step)
         status.update(self._pending_status)
         self._pending_status = {}
         phase, boundary = divmod(global_step, self.cropi.steps_per_phase)
         if boundary == 0 and phase < self.cropi.num_phases:
             status.update(self._select(phase))
-        status["cropi/phase"] = float(self.sampler.phase)
+        status["cropi/phase"] = float(trained_phase)
         return status, global_step
 
 

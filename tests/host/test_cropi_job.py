@@ -145,7 +145,7 @@ def test_two_phases_offline_equality_and_resume(cpu_env, tiny_models, tmp_path):
 
     resumed = _tensorboard_runs(tmp_path / "tb")[-1]
     assert [s for s, _ in resumed["train/policy_loss"]] == [3, 4, 5, 6]
-    assert [v for _, v in resumed["train/cropi/phase"]] == [1.0, 2.0, 2.0, 2.0]  # step 4 ends with the switch
+    assert [v for _, v in resumed["train/cropi/phase"]] == [1.0, 1.0, 2.0, 2.0]  # the phase each step trained on
     phase2 = json.loads((store / "phases/phase-002.json").read_text())
     state = _sampler_state(tmp_path / "ckpt/_actor/global_step6/mp_rank_00_model_states.pt")
     assert state["phase"] == 2 and sorted(state["subset"]) == sorted(phase2["selected"])

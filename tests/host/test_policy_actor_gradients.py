@@ -90,11 +90,12 @@ def test_sharded_zero2_and_zero3_match_the_oracle(cpu_env, tiny_models):
     assert oracle.norm(dim=-1).min() > 0
 
     # Tolerances, relative to each vector's norm. ZeRO-2 runs the oracle's computation on the
-    # same bf16 weights: seen identical to the last bit, on one rank and on two. ZeRO-3 gathers
-    # the partitioned weights for every forward and backward: seen 0.4% to 2.3% from the oracle,
-    # varying from run to run (cosine >= 0.9997), which moves a prompt's score by ~1e-3.
+    # same bf16 weights: seen identical to the last bit, on one rank and on two. ZeRO-3 runs its
+    # own gathered-parameter autograd path: seen 0.4% to 0.7% from the oracle, the same on every
+    # run (before the CPU patch made ZeRO-3 gathers sequential, a racy checkpoint load sometimes
+    # left garbage weights, and this case failed with non-finite vectors).
     results = {}
-    for ranks, zero_stage, tolerance in [(1, 2, 1e-3), (2, 2, 1e-3), (2, 3, 5e-2)]:
+    for ranks, zero_stage, tolerance in [(1, 2, 1e-3), (2, 2, 1e-3), (2, 3, 2e-2)]:
         got = results[ranks, zero_stage] = _actor_vectors(model_dir, items, ranks, zero_stage)
         error = (got - oracle).norm(dim=-1) / oracle.norm(dim=-1)
         cos = torch.nn.functional.cosine_similarity(got, oracle, dim=-1)

@@ -1,0 +1,149 @@
+"""A seeded suite of short, verifiable arithmetic problems, in families and difficulties.
+
+    python -m openrlhf_cropi.demo.tasks OUT_DIR [--seed 0] [--pool 640] [--val 48] [--test 48] [--sft 24000]
+
+writes, every row {"prompt", "label", "family", "difficulty", "datasource"}:
+    pool.jsonl            the RL prompt pool: every family at every difficulty, shuffled
+    val_<family>.jsonl    one validation set per TARGETED family (CROPI's --cropi.val_datasets)
+    test.jsonl            held-out test prompts; datasource "targeted_<family>" or "untargeted_<family>"
+    sft.jsonl             warm-start pairs {"prompt", "response"} (response = the answer)
+Targeted families have validation sets; untargeted ones appear only in the pool and the test
+set. The answer is a bare integer, so a response is checked by exact match (reward.py).
+No prompt appears in two files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+from typing import Callable
+
+DIFFICULTIES = (1, 2, 3)
+TARGETED = ("add", "linear")
+UNTARGETED = ("sub", "mul", "compare", "mod", "word")
+FAMILIES = TARGETED + UNTARGETED
+
+
+def _number(rng: random.Random, digits: int) -> int:
+    return rng.randint(10 ** (digits - 1) if digits > 1 else 0, 10**digits - 1)
+
+
+def _add(rng, d):
+    a, b = _number(rng, d), _number(rng, d)
+    return f"What is {a} + {b}?", a + b
+
+
+def _sub(rng, d):
+    a, b = sorted((_number(rng, d), _number(rng, d)), reverse=True)
+    return f"What is {a} - {b}?", a - b
+
+
+def _mul(rng, d):
+    a, b = _number(rng, d), rng.randint(2, 9)
+    return f"What is {a} * {b}?", a * b
+
+
+def _compare(rng, d):
+    a, b = rng.sample(range(10 ** (d - 1) if d > 1 else 0, 10**d), 2)
+    return f"Which is larger, {a} or {b}?", max(a, b)
+
+
+def _mod(rng, d):
+    a, b = _number(rng, d + 1), rng.randint(2, 9)
+    return f"What is {a} mod {b}?", a % b
+
+
+def _linear(rng, d):
+    x, a = _number(rng, d), rng.randint(2, 9)
+    b = rng.randint(1, 9 * d)
+    return f"Solve for x: {a}x + {b} = {a * x + b}.", x
+
+
+_NAMES = ("Ann", "Bob", "Cy", "Dee", "Eve")
+_THINGS = ("apples", "coins", "books", "cards")
+
+
+def _word(rng, d):
+    name, thing = rng.choice(_NAMES), rng.choice(_THINGS)
+    a, b = _number(rng, d), _number(rng, d)
+    if rng.random() < 0.5:
+        return f"{name} has {a} {thing} and gets {b} more. How many {thing} now?", a + b
+    a, b = max(a, b), min(a, b)
+    return f"{name} has {a} {thing} and gives away {b}. How many {thing} now?", a - b
+
+
+GENERATORS: dict[str, Callable[[random.Random, int], tuple[str, int]]] = {
+    "add": _add, "sub": _sub, "mul": _mul, "compare": _compare, "mod": _mod, "linear": _linear, "word": _word,
+}  # fmt: skip
+
+
+def _rows(
+    rng: random.Random, family: str, count: int, seen: set[str], datasource: str, unique: bool = True
+) -> list[dict]:
+    """`count` problems of one family, difficulties in turn, none in `seen`; `unique` adds them to it."""
+    rows = []
+    for _ in range(count * 200):
+        if len(rows) == count:
+            break
+        difficulty = DIFFICULTIES[len(rows) % len(DIFFICULTIES)]
+        prompt, answer = GENERATORS[family](rng, difficulty)
+        if prompt in seen:
+            continue
+        if unique:
+            seen.add(prompt)
+        rows.append(
+            {"prompt": prompt, "label": str(answer), "family": family, "difficulty": difficulty, "datasource": datasource}
+        )
+    if len(rows) < count:
+        raise ValueError(f"family {family}: only {len(rows)} distinct problems, {count} asked for")
+    return rows
+
+
+def build_suite(out: Path, seed: int = 0, pool: int = 640, val: int = 48, test: int = 48, sft: int = 24000) -> Path:
+    """Write the suite to `out` (sizes are totals per file; val and test are per family)."""
+    rng = random.Random(seed)
+    out.mkdir(parents=True, exist_ok=True)
+    seen: set[str] = set()
+    # Evaluation data first, so the pool and the SFT data can never contain an evaluation prompt.
+    files: dict[str, list[dict]] = {}
+    for family in TARGETED:
+        files[f"val_{family}.jsonl"] = _rows(rng, family, val, seen, f"val_{family}")
+    files["test.jsonl"] = [
+        row
+        for family in FAMILIES
+        for row in _rows(rng, family, test, seen, f"{'targeted' if family in TARGETED else 'untargeted'}_{family}")
+    ]
+    held_out = set(seen)
+    per_family = -(-pool // len(FAMILIES))
+    pool_rows = [row for family in FAMILIES for row in _rows(rng, family, per_family, seen, "pool")][:pool]
+    rng.shuffle(pool_rows)
+    files["pool.jsonl"] = pool_rows
+    # Warm-start pairs come from the same distribution, repeats allowed (there are only 100
+    # one-digit sums); they may contain pool prompts, never validation or test prompts.
+    sft_rows = []
+    for family in FAMILIES:
+        sft_rows += _rows(rng, family, -(-sft // len(FAMILIES)), held_out, "sft", unique=False)
+    rng.shuffle(sft_rows)
+    files["sft.jsonl"] = [{"prompt": r["prompt"], "response": r["label"]} for r in sft_rows[:sft]]
+    for name, rows in files.items():
+        (out / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--pool", type=int, default=640)
+    parser.add_argument("--val", type=int, default=48, help="prompts per targeted validation set")
+    parser.add_argument("--test", type=int, default=48, help="test prompts per family")
+    parser.add_argument("--sft", type=int, default=24000)
+    args = parser.parse_args(argv)
+    build_suite(args.out, args.seed, args.pool, args.val, args.test, args.sft)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

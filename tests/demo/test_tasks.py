@@ -1,0 +1,77 @@
+"""The demo's task suite: seeded, correct answers, no evaluation prompt in training data."""
+
+import json
+import re
+
+import pytest
+
+from openrlhf_cropi.demo.tasks import DIFFICULTIES, FAMILIES, TARGETED, UNTARGETED, build_suite
+
+
+def _read(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def suite(tmp_path_factory):
+    return build_suite(tmp_path_factory.mktemp("suite"), seed=0, pool=140, val=12, test=9, sft=700)
+
+
+def _solve(prompt: str) -> int:
+    """An independent solver, from the prompt text alone."""
+    n = [int(x) for x in re.findall(r"\d+", prompt)]
+    if m := re.fullmatch(r"What is (\d+) ([-+*]|mod) (\d+)\?", prompt):
+        a, op, b = int(m[1]), m[2], int(m[3])
+        return {"+": a + b, "-": a - b, "*": a * b}[op] if op != "mod" else a % b
+    if prompt.startswith("Which is larger"):
+        return max(n)
+    if prompt.startswith("Solve for x"):
+        a, b, c = n
+        assert (c - b) % a == 0
+        return (c - b) // a
+    if "gets" in prompt:
+        return n[0] + n[1]
+    if "gives away" in prompt:
+        return n[0] - n[1]
+    raise AssertionError(f"unknown prompt {prompt!r}")
+
+
+def test_every_label_is_the_answer(suite):
+    for name in ("pool.jsonl", "test.jsonl", "val_add.jsonl", "val_linear.jsonl"):
+        for row in _read(suite / name):
+            assert int(row["label"]) == _solve(row["prompt"]), row
+            assert int(row["label"]) >= 0
+    for row in _read(suite / "sft.jsonl"):
+        assert int(row["response"]) == _solve(row["prompt"]), row
+
+
+def test_files_sizes_and_families(suite):
+    pool = _read(suite / "pool.jsonl")
+    assert len(pool) == 140
+    assert {(r["family"], r["difficulty"]) for r in pool} == {(f, d) for f in FAMILIES for d in DIFFICULTIES}
+    assert [sorted({r["family"] for r in _read(suite / f"val_{f}.jsonl")}) for f in TARGETED] == [[f] for f in TARGETED]
+    test = _read(suite / "test.jsonl")
+    assert len(test) == 9 * len(FAMILIES)
+    sources = {r["datasource"] for r in test}
+    assert sources == {f"targeted_{f}" for f in TARGETED} | {f"untargeted_{f}" for f in UNTARGETED}
+    assert len(_read(suite / "sft.jsonl")) == 700
+
+
+def test_evaluation_prompts_never_appear_in_training_data(suite):
+    held_out = {r["prompt"] for name in ("test.jsonl", "val_add.jsonl", "val_linear.jsonl") for r in _read(suite / name)}
+    training = {r["prompt"] for name in ("pool.jsonl", "sft.jsonl") for r in _read(suite / name)}
+    assert not held_out & training
+    pool = [r["prompt"] for r in _read(suite / "pool.jsonl")]
+    assert len(set(pool)) == len(pool)
+
+
+def test_seeded(tmp_path, suite):
+    again = build_suite(tmp_path / "a", seed=0, pool=140, val=12, test=9, sft=700)
+    other = build_suite(tmp_path / "b", seed=1, pool=140, val=12, test=9, sft=700)
+    assert (again / "pool.jsonl").read_text() == (suite / "pool.jsonl").read_text()
+    assert (other / "pool.jsonl").read_text() != (suite / "pool.jsonl").read_text()
+
+
+def test_too_many_distinct_problems_asked_for_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="distinct problems"):
+        build_suite(tmp_path, seed=0, pool=10, val=2000, test=1, sft=10)
