@@ -75,8 +75,25 @@ def test_curriculum_steps_to_target_and_acceleration(tmp_path):
             runs[name].append(load_run(tmp_path / f"{name}-{seed}"))
     # Full data peaks at 0.3 at step 4; CROPI passes 0.3 at step 2: 2x. Random never reaches it.
     assert curriculum.steps_to(curriculum.mean_curve(runs["CROPI 10%"], "targeted"), 0.3) == 2
-    lines = curriculum.summarise(runs)
+    pool = [json.loads(x) for x in (tmp_path / "suite/pool.jsonl").read_text().splitlines()]
+    lines = curriculum.summarise(runs, pool)
     row = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in lines if line.startswith("| ") and "method" not in line}
     assert row["CROPI 10%"][1:3] == ["2", "2.00x"]
     assert row["full data"][1:3] == ["4", "1.00x"]
     assert row["random 10%"][1] == "-"
+    # Subsets of the fake runs: rows 0, 1, 0, 7 -> families 0, 1, 0, 0; TARGETED holds family 0 ("add").
+    assert FAMILIES[0] in TARGETED and FAMILIES[1] in TARGETED and row["CROPI 10%"][6] == "100%"
+
+
+def test_curriculum_when_full_data_never_improves(tmp_path):
+    spec = importlib.util.spec_from_file_location("curriculum", ROOT / "benchmarks/curriculum.py")
+    curriculum = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(curriculum)
+    runs = {}
+    for name, gain in [("full data", -0.05), ("random 10%", 0.0), ("learnability 10%", 0.0), ("CROPI 10%", 0.1)]:
+        _fake_run(tmp_path / name, tmp_path / "suite", gain)
+        runs[name] = [load_run(tmp_path / name)]
+    pool = [json.loads(x) for x in (tmp_path / "suite/pool.jsonl").read_text().splitlines()]
+    lines = curriculum.summarise(runs, pool)
+    assert "reached at step 0" in lines[0]
+    assert all("n/a: full data never beat step 0" in line for line in lines[4:]), lines
