@@ -292,18 +292,13 @@ class _CropiPPOTrainer(PPOTrainer.__ray_actor_class__):
         # A resumed run finds its phase and subset in the checkpoint's sampler state.
         if self.init_checkpoint_states()["global_step"] == 0:
             if self.eval_dataloader is not None and self.args.eval.steps > 0:
-                # The initial policy's accuracy: the point every curve starts from.
-                self.evaluate(0, **self._eval_generate_kwargs())
+                # The initial policy's accuracy, the point every curve starts from, with the
+                # sampling settings PPOTrainer.fit evaluates with.
+                eval_args = self.args.eval
+                settings = {"temperature": eval_args.temperature, "n_samples_per_prompt": eval_args.n_samples_per_prompt}
+                self.evaluate(0, **{**self.generate_kwargs, **settings})
             self._pending_status = {**self._select(0), "cropi/time_rollouts": t_rollouts}
         super().fit(global_step)
-
-    def _eval_generate_kwargs(self) -> dict:
-        # What PPOTrainer.fit passes to evaluate()
-        return {
-            **self.generate_kwargs,
-            "temperature": self.args.eval.temperature,
-            "n_samples_per_prompt": self.args.eval.n_samples_per_prompt,
-        }
 
     def train_step(self, rollout_samples, global_step: int):
         trained_phase = self.sampler.phase  # the subset these samples were drawn from

@@ -46,6 +46,10 @@ def test_demo_small(cpu_env, tmp_path):
     assert len(rows) == 2 and all(any(f in row for f in FAMILIES) for row in rows), run.stdout[-2000:]
     assert rows[0].split(" | ")[1] == "1-2" and rows[1].split(" | ")[1] == "3-4"
     assert "-" not in (rows[0].split(" | ")[-2], rows[1].split(" | ")[-2]), rows
+    # The job evaluated the initial policy (step 0) and then every 2 steps.
+    from openrlhf_cropi.demo.report import load_run
+
+    assert sorted(load_run(out).accuracy("targeted")) == [0, 2, 4]
     report = (out / "report.md").read_text()
     assert "Test accuracy (pass@1): targeted" in report
     for png in ("accuracy.png", "subsets.png"):
