@@ -28,8 +28,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from openrlhf_cropi.demo.report import Run, load_run, plot_accuracy, read_jsonl  # noqa: E402
-from openrlhf_cropi.demo.tasks import TARGETED  # noqa: E402
+from openrlhf_cropi.demo.report import GROUPS, Run, load_run, plot_accuracy  # noqa: E402
+from openrlhf_cropi.demo.tasks import TARGETED, read_jsonl  # noqa: E402
 
 METHODS = {"full data": "full", "random 10%": "random", "learnability 10%": "learnability", "CROPI 10%": "influence"}
 SIZES = {"default": {"phases": 4, "steps_per_phase": 4}, "full": {"phases": 8, "steps_per_phase": 4}}
@@ -89,7 +89,7 @@ def summarise(results: dict[str, list[Run]], pool_rows: list[dict]) -> list[str]
         else:
             accel = f"{full_steps / max(steps, 1):.2f}x"
         finals = {}
-        for group in ("targeted", "untargeted"):
+        for group in GROUPS:
             values = [r.accuracy(group)[max(r.accuracy(group))] for r in runs]
             finals[group] = f"{statistics.mean(values):.3f} ({min(values):.3f}-{max(values):.3f})"
         times = [t for r in runs for t in r.phase_times()]
@@ -123,24 +123,14 @@ def main(argv: list[str] | None = None) -> None:
             rollouts = rollouts or out / "ckpt/cropi/rollouts"
             results[name].append(load_run(out))
     lines = summarise(results, read_jsonl(args.cache / "suite/pool.jsonl"))
-    plot_accuracy({name: _MeanRun(runs) for name, runs in results.items()}, args.out / "accuracy.png")
+    seed_means = {name: {g: mean_curve(runs, g) for g in GROUPS} for name, runs in results.items()}
+    plot_accuracy(seed_means, args.out / "accuracy.png")
     command = "python benchmarks/curriculum.py" + (" --full" if args.full else "") + f" --seeds {' '.join(map(str, args.seeds))}"
     report = [f"# Curriculum benchmark ({'full' if args.full else 'default'} size)", "", f"Command: `{command}`", "", *lines,
               "", "![targeted and untargeted accuracy, seed mean](accuracy.png)", ""]  # fmt: skip
     (args.out / "report.md").write_text("\n".join(report))
     print("\n".join(lines))
     print(f"wrote {args.out / 'report.md'}")
-
-
-class _MeanRun(Run):
-    """The seed-mean accuracy curves of several runs, for plotting."""
-
-    def __init__(self, runs: list[Run]):
-        super().__init__({})
-        self.runs = runs
-
-    def accuracy(self, group: str) -> dict[int, float]:
-        return mean_curve(self.runs, group)
 
 
 if __name__ == "__main__":

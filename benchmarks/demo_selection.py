@@ -23,8 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from openrlhf_cropi.demo.report import read_jsonl  # noqa: E402
-from openrlhf_cropi.demo.tasks import FAMILIES, TARGETED  # noqa: E402
+from openrlhf_cropi.demo.tasks import FAMILIES, TARGETED, read_jsonl  # noqa: E402
 
 SETTINGS = {
     "exact": ["--projector", "identity", "--keep-ratio", "1.0"],  # + --proj-dim <all parameters>

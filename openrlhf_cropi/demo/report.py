@@ -17,7 +17,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from openrlhf_cropi.demo.tasks import FAMILIES, TARGETED
+from openrlhf_cropi.demo.tasks import FAMILIES, TARGETED, read_jsonl
 
 
 @dataclass
@@ -34,10 +34,6 @@ class Run:
             return {}
         steps = sorted(set.intersection(*(set(self.scalars[t]) for t in tags)))
         return {s: sum(self.scalars[t][s] for t in tags) / len(tags) for s in steps}
-
-    def family_accuracy(self, family: str) -> dict[int, float]:
-        group = "targeted" if family in TARGETED else "untargeted"
-        return self.scalars.get(f"eval/eval_{group}_{family}_pass1", {})
 
     def phase_steps(self) -> dict[int, list[int]]:
         """Global steps trained in each phase (each step logs the phase it trained on as cropi/phase)."""
@@ -109,16 +105,20 @@ def phase_table(run: Run, pool_rows: list[dict]) -> list[str]:
     return lines
 
 
-def plot_accuracy(runs: dict[str, Run], out: Path) -> None:
+GROUPS = ("targeted", "untargeted")
+
+
+def plot_accuracy(curves: dict[str, dict[str, dict[int, float]]], out: Path) -> None:
+    """curves[name][group] = {step: accuracy}, one line per name in each group's panel."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-    for ax, group in zip(axes, ("targeted", "untargeted")):
-        for name, run in runs.items():
-            acc = run.accuracy(group)
+    for ax, group in zip(axes, GROUPS):
+        for name, by_group in curves.items():
+            acc = by_group[group]
             ax.plot(list(acc), list(acc.values()), marker="o", label=name)
         ax.set_title(f"{group} test accuracy (pass@1)")
         ax.set_xlabel("global step")
@@ -154,21 +154,17 @@ def plot_subsets(run: Run, pool_rows: list[dict], out: Path) -> None:
     plt.close(fig)
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def write_report(run_dir: Path, suite: Path, out: Path) -> Path:
     run = load_run(run_dir)
     pool_rows = read_jsonl(suite / "pool.jsonl")
     out.mkdir(parents=True, exist_ok=True)
     table = phase_table(run, pool_rows)
-    plot_accuracy({"CROPI": run}, out / "accuracy.png")
+    plot_accuracy({run.phases[0]["selector"] if run.phases else "run": {g: run.accuracy(g) for g in GROUPS}}, out / "accuracy.png")
     plot_subsets(run, pool_rows, out / "subsets.png")
     selector = run.phases[0]["selector"] if run.phases else "?"
-    start = {g: run.accuracy(g).get(0) for g in ("targeted", "untargeted")}
+    start = {g: run.accuracy(g).get(0) for g in GROUPS}
     end_step = max(run.accuracy("targeted"), default=None)
-    end = {g: run.accuracy(g).get(end_step) for g in ("targeted", "untargeted")}
+    end = {g: run.accuracy(g).get(end_step) for g in GROUPS}
     text = [
         f"# CROPI demo report ({selector} selector)",
         "",

@@ -6,8 +6,8 @@ Builds, each only when absent (a DONE marker is written last, so an interrupted 
 itself): CACHE_DIR/suite (openrlhf_cropi.demo.tasks), CACHE_DIR/base (a ~1M-parameter model
 of the tiny-model builder's architecture), CACHE_DIR/warm_start (`python -m
 openrlhf.cli.train_sft` on the suite's answers, single process, gloo) and its pass rates on the
-pool. GRPO needs pass rates that are spread, neither all 0 nor all 1: otherwise this stops
-with an error and keeps what it built.
+pool (warm_start/pool_pass_rates.json). GRPO needs pass rates that are spread, neither all 0
+nor all 1: otherwise this stops with an error and keeps what it built.
 """
 
 from __future__ import annotations
@@ -18,11 +18,15 @@ import os
 import socket
 import subprocess
 import sys
+from collections import defaultdict
 from pathlib import Path
 
-from openrlhf_cropi.demo.pass_rates import pass_rates, summarise
-from openrlhf_cropi.demo.report import read_jsonl
-from openrlhf_cropi.demo.tasks import build_suite
+import torch
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from openrlhf_cropi.demo.reward import is_correct
+from openrlhf_cropi.demo.tasks import build_suite, read_jsonl
 from openrlhf_cropi.tiny_model import build_tiny_model
 
 # A few transformer layers at the smallest width vLLM's CPU attention takes (head_dim 32).
@@ -62,6 +66,42 @@ def sft(base: Path, data: Path, out: Path, epochs: int, seed: int) -> None:
     subprocess.run(cmd, env=env, check=True)
 
 
+@torch.no_grad()
+def pass_rates(model_dir: Path, rows: list[dict], samples: int, seed: int, batch: int = 64) -> list[float]:
+    """Per row, the fraction of `samples` answers sampled at temperature 1 that are correct.
+
+    Sampled with transformers (no engine to start), through the chat template as OpenRLHF's
+    --data.apply_chat_template does.
+    """
+    tok = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    torch.manual_seed(seed)
+    texts = [
+        tok.apply_chat_template([{"role": "user", "content": r["prompt"]}], tokenize=False, add_generation_prompt=True)
+        for r in rows
+    ]
+    out = []
+    for start in tqdm(range(0, len(rows), batch), desc="warm start pass rates", leave=False):
+        enc = tok(texts[start : start + batch], return_tensors="pt", padding=True)
+        gen = model.generate(
+            **enc, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=8,
+            num_return_sequences=samples, pad_token_id=tok.pad_token_id,
+        )  # fmt: skip
+        answers = tok.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+        for i, row in enumerate(rows[start : start + batch]):
+            out.append(sum(is_correct(a, row["label"]) for a in answers[i * samples : (i + 1) * samples]) / samples)
+    return out
+
+
+def summarise(rows: list[dict], rates: list[float]) -> dict[str, float]:
+    """Mean pass rate overall, per family and per family/difficulty."""
+    groups = defaultdict(list)
+    for row, rate in zip(rows, rates):
+        for key in ("all", row["family"], f"{row['family']}/{row['difficulty']}"):
+            groups[key].append(rate)
+    return {k: sum(v) / len(v) for k, v in sorted(groups.items())}
+
+
 def warm_start(cache: Path, seed: int = 0, sft_examples: int = 8000, sft_epochs: int = 3) -> Path:
     """Build what is missing under `cache`; returns the warm-started model's directory."""
     suite, base, model = cache / "suite", cache / "base", cache / "warm_start"
@@ -79,9 +119,9 @@ def warm_start(cache: Path, seed: int = 0, sft_examples: int = 8000, sft_epochs:
         (model / "pool_pass_rates.json").write_text(json.dumps(summary, indent=1))
         spread = sum(0 < r < 1 for r in rates) / len(rates)
         print(f"warm start: pool pass rate {summary['all']:.3f}, {spread:.0%} of pool prompts between 0 and 1")
-        if summary["all"] in (0.0, 1.0) or spread == 0:
+        if spread == 0:
             raise RuntimeError(
-                f"{model}: pool pass rates are all {summary['all']:.0f}, GRPO would have nothing to learn; "
+                f"{model}: no pool prompt has a pass rate between 0 and 1, GRPO would have nothing to learn; "
                 "change --sft-examples / --sft-epochs and delete this directory"
             )
         _mark(model)

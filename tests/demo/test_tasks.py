@@ -1,15 +1,10 @@
 """The demo's task suite: seeded, correct answers, no evaluation prompt in training data."""
 
-import json
 import re
 
 import pytest
 
-from openrlhf_cropi.demo.tasks import DIFFICULTIES, FAMILIES, TARGETED, UNTARGETED, build_suite
-
-
-def _read(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
+from openrlhf_cropi.demo.tasks import DIFFICULTIES, FAMILIES, TARGETED, UNTARGETED, build_suite, read_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -38,30 +33,30 @@ def _solve(prompt: str) -> int:
 
 def test_every_label_is_the_answer(suite):
     for name in ("pool.jsonl", "test.jsonl", "val_add.jsonl", "val_linear.jsonl"):
-        for row in _read(suite / name):
+        for row in read_jsonl(suite / name):
             assert int(row["label"]) == _solve(row["prompt"]), row
             assert int(row["label"]) >= 0
-    for row in _read(suite / "sft.jsonl"):
+    for row in read_jsonl(suite / "sft.jsonl"):
         assert int(row["response"]) == _solve(row["prompt"]), row
 
 
 def test_files_sizes_and_families(suite):
-    pool = _read(suite / "pool.jsonl")
+    pool = read_jsonl(suite / "pool.jsonl")
     assert len(pool) == 140
     assert {(r["family"], r["difficulty"]) for r in pool} == {(f, d) for f in FAMILIES for d in DIFFICULTIES}
-    assert [sorted({r["family"] for r in _read(suite / f"val_{f}.jsonl")}) for f in TARGETED] == [[f] for f in TARGETED]
-    test = _read(suite / "test.jsonl")
+    assert [sorted({r["family"] for r in read_jsonl(suite / f"val_{f}.jsonl")}) for f in TARGETED] == [[f] for f in TARGETED]
+    test = read_jsonl(suite / "test.jsonl")
     assert len(test) == 9 * len(FAMILIES)
     sources = {r["datasource"] for r in test}
     assert sources == {f"targeted_{f}" for f in TARGETED} | {f"untargeted_{f}" for f in UNTARGETED}
-    assert len(_read(suite / "sft.jsonl")) == 700
+    assert len(read_jsonl(suite / "sft.jsonl")) == 700
 
 
 def test_evaluation_prompts_never_appear_in_training_data(suite):
-    held_out = {r["prompt"] for name in ("test.jsonl", "val_add.jsonl", "val_linear.jsonl") for r in _read(suite / name)}
-    training = {r["prompt"] for name in ("pool.jsonl", "sft.jsonl") for r in _read(suite / name)}
+    held_out = {r["prompt"] for name in ("test.jsonl", "val_add.jsonl", "val_linear.jsonl") for r in read_jsonl(suite / name)}
+    training = {r["prompt"] for name in ("pool.jsonl", "sft.jsonl") for r in read_jsonl(suite / name)}
     assert not held_out & training
-    pool = [r["prompt"] for r in _read(suite / "pool.jsonl")]
+    pool = [r["prompt"] for r in read_jsonl(suite / "pool.jsonl")]
     assert len(set(pool)) == len(pool)
 
 
