@@ -89,7 +89,7 @@ def build_tiny_model(
     max_position_embeddings: int = 1024,
     seed: int = 0,
 ) -> Path:
-    """Write tokenizer, config, generation config and bf16 safetensors weights to out_dir."""
+    """Write tokenizer, config, generation config and float32 safetensors weights to out_dir."""
     head_dim, rest = divmod(hidden_size, num_attention_heads)
     if rest or head_dim < 32:  # vLLM's CPU attention kernels need head_dim >= 32
         raise ValueError(
@@ -119,11 +119,12 @@ def build_tiny_model(
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    # Init in fp32 under a fixed seed (reproducible), then store bf16: OpenRLHF runs vLLM in bf16.
+    # float32, as the CPU stack runs (--ds.param_dtype fp32): a bf16 checkpoint would make every
+    # plain `from_pretrained` compute in bf16, which CPUs without native bf16 emulate slowly.
     with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG state untouched
         torch.manual_seed(seed)
-        model = Qwen2ForCausalLM(config).to(torch.bfloat16)
-    model.config.dtype = torch.bfloat16
+        model = Qwen2ForCausalLM(config)
+    model.config.dtype = torch.float32
     model.generation_config = GenerationConfig(
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
     )

@@ -34,6 +34,7 @@ SUITE=$CACHE/suite
 start_ray 2
 trap stop_ray EXIT
 
+# float32 on CPU, like every local run (see grpo_smoke.sh).
 # shellcheck disable=SC2086
 python -m openrlhf_cropi.cli.train_ppo_ray \
   --actor.model_name_or_path "$CACHE/warm_start" \
@@ -45,7 +46,7 @@ python -m openrlhf_cropi.cli.train_ppo_ray \
   --algo.kl.init_coef 0 --actor.adam.lr 2e-3 --actor.lr_warmup_ratio 0 \
   --actor.num_nodes 1 --actor.num_gpus_per_node 1 \
   --vllm.num_engines 1 --vllm.tensor_parallel_size 1 --vllm.sync_backend gloo --vllm.enforce_eager \
-  --ds.zero_stage 2 --ds.param_dtype bf16 --ds.attn_implementation eager \
+  --ds.zero_stage 2 --ds.param_dtype fp32 --ds.attn_implementation eager \
   --train.num_episodes 1 --train.seed "$SEED" \
   --eval.dataset "$SUITE/test.jsonl" --eval.steps 2 --eval.temperature 1.0 --eval.n_samples_per_prompt 8 \
   --ckpt.path "$OUT/ckpt" --ckpt.save_steps 4 --ckpt.output_dir "$OUT/final" \

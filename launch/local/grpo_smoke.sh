@@ -32,6 +32,9 @@ MODEL=$OUT/tiny_model
 start_ray 3
 trap stop_ray EXIT
 
+# float32 on every CPU (--ds.param_dtype fp32; the vLLM engine follows): CPUs without native bf16
+# emulate it, many times slower (benchmarks/cpu_dtype.py), and one numeric path on every machine
+# keeps local results comparable.
 # shellcheck disable=SC2086
 python -m "${ENTRY[@]}" \
   --actor.model_name_or_path "$MODEL" \
@@ -44,7 +47,7 @@ python -m "${ENTRY[@]}" \
   --actor.adam.lr 2e-3 --actor.lr_warmup_ratio 0 \
   --actor.num_nodes 1 --actor.num_gpus_per_node 1 --ref.num_nodes 1 --ref.num_gpus_per_node 1 \
   --vllm.num_engines 1 --vllm.tensor_parallel_size 1 --vllm.sync_backend gloo --vllm.enforce_eager \
-  --ds.zero_stage 2 --ds.param_dtype bf16 --ds.attn_implementation eager \
+  --ds.zero_stage 2 --ds.param_dtype fp32 --ds.attn_implementation eager \
   --train.num_episodes 1 --train.seed 0 \
   --ckpt.path "$OUT/ckpt" --ckpt.save_steps 3 --ckpt.output_dir "$OUT/final" \
   --logger.tensorboard_dir "$OUT/tensorboard" \

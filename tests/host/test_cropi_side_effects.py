@@ -69,7 +69,7 @@ def test_side_computation_leaves_training_identical(cpu_env, tiny_models, tmp_pa
         for name in ("plain", "with_cropi"):
             args = parse_args(
                 ["--actor.model_name_or_path", model, "--actor.num_gpus_per_node", "1", "--ds.zero_stage",
-                 str(zero_stage), "--ds.attn_implementation", "eager", "--vllm.num_engines", "0",
+                 str(zero_stage), "--ds.param_dtype", "fp32", "--ds.attn_implementation", "eager", "--vllm.num_engines", "0",
                  "--algo.kl.init_coef", "1e-3", "--algo.kl.use_loss", "--algo.advantage.estimator", "group_norm",
                  "--rollout.n_samples_per_prompt", "2", "--train.batch_size", "4", "--train.micro_batch_size", "2",
                  "--actor.adam.lr", "1e-2", "--actor.lr_warmup_ratio", "0", "--ckpt.output_dir", str(tmp_path / name)]

@@ -2,10 +2,12 @@
 
 import os
 import pathlib
+import re
 import subprocess
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 pytestmark = [pytest.mark.host, pytest.mark.e2e]
@@ -24,7 +26,7 @@ def _scalars(tensorboard_dir: pathlib.Path) -> dict[str, list[tuple[int, float]]
 
 def test_grpo_smoke_trains_checkpoints_and_syncs_vllm(tmp_path):
     # Importance-sampling correction makes OpenRLHF log vllm_kl: the mean gap between the
-    # engine's log-probs of what it sampled and the DeepSpeed actor's. It stays at bf16 noise
+    # engine's log-probs of what it sampled and the DeepSpeed actor's. It stays at kernel noise
     # only if every step's weight sync reached the engine (without a sync it is the policy's
     # drift). The wide clip band leaves the loss unchanged.
     is_flags = (
@@ -37,6 +39,14 @@ def test_grpo_smoke_trains_checkpoints_and_syncs_vllm(tmp_path):
         env=env, capture_output=True, text=True, timeout=1200,
     )  # fmt: skip
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
+
+    # float32 end to end (--ds.param_dtype fp32, patches/): a bf16 fallback would be 10-35x slower
+    # on CPUs without native bf16. The actor saves its parameters as it holds them, and vLLM
+    # logs the dtype its engine runs in (before the patch it was always bfloat16).
+    engine_dtypes = set(re.findall(r"Initializing a V1 LLM engine .*? dtype=(torch\.\w+)", run.stdout + run.stderr))
+    assert engine_dtypes == {"torch.float32"}, engine_dtypes
+    with safe_open(tmp_path / "final/model.safetensors", "pt") as saved:
+        assert {saved.get_slice(name).get_dtype() for name in saved.keys()} == {"F32"}
 
     assert (tmp_path / "ckpt/_actor/global_step3/mp_rank_00_model_states.pt").is_file()
     initial = load_file(tmp_path / "tiny_model/model.safetensors")
