@@ -15,6 +15,8 @@ emulate bf16 matmuls; those with AVX512-BF16 or AMX do not.
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -59,6 +61,8 @@ def model_step(model_dir: str, dtype: torch.dtype):
 def sft_seconds(base: Path, data: Path, out: Path, param_dtype: str) -> float:
     from openrlhf_cropi.demo.warm_start import sft
 
+    # DeepSpeed's JIT-built CPU Adam, where launch/local/cpu_env.sh keeps it (built once per venv).
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
     t0 = time.perf_counter()
     sft(base, data, out, epochs=1, seed=0, param_dtype=param_dtype)
     return time.perf_counter() - t0

@@ -46,7 +46,7 @@ def _job_command(tmp_path, model, *extra, reward=REWARD, val_label=lambda a: str
         "--algo.kl.init_coef", "1e-3", "--algo.kl.use_loss", "--algo.kl.estimator", "k3",
         "--actor.num_gpus_per_node", "1", "--ref.num_gpus_per_node", "1",
         "--vllm.num_engines", "1", "--vllm.sync_backend", "gloo", "--vllm.enforce_eager",
-        "--ds.zero_stage", "2", "--ds.attn_implementation", "eager", "--train.seed", "0",
+        "--ds.zero_stage", "2", "--ds.param_dtype", "fp32", "--ds.attn_implementation", "eager", "--train.seed", "0",
         "--ckpt.path", tmp_path / "ckpt", "--ckpt.save_steps", "2", "--ckpt.save_hf",
         "--ckpt.output_dir", tmp_path / "final", "--logger.tensorboard_dir", tmp_path / "tb",
         "--cropi.enable", "--cropi.val_datasets", val, "--cropi.alpha", "0.25",

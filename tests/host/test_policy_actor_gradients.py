@@ -1,6 +1,6 @@
 """CROPI's projected gradients inside OpenRLHF's DeepSpeed policy actor, against a plain oracle.
 
-The oracle is the core's per-prompt gradient on the same bf16 weights loaded with plain
+The oracle is the core's per-prompt gradient on the same float32 weights loaded with plain
 transformers (itself checked against an explicit autograd loop in tests/core), projected with
 the same projector. The actor computes it through the DeepSpeed engine's module with the
 prompts sharded over its data-parallel ranks: one rank with ZeRO-2, two ranks (gloo) with
@@ -42,7 +42,7 @@ def _items(model_dir, behavior_dir):
 def _oracle(model_dir, items):
     from transformers import AutoModelForCausalLM
 
-    # bf16 and eager attention, as the actor holds and runs it
+    # float32 and eager attention, as the actor holds and runs it (--ds.param_dtype fp32)
     model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager").eval()
     params = [p for p in model.parameters() if p.requires_grad]
     projector = SparseProjector(total_params=sum(p.numel() for p in params), **PROJECTOR)
@@ -61,7 +61,8 @@ def _actor_vectors(model_dir, items, ranks, zero_stage):
 
     args = parse_args(
         ["--actor.model_name_or_path", str(model_dir), "--actor.num_gpus_per_node", str(ranks),
-         "--ds.zero_stage", str(zero_stage), "--ds.attn_implementation", "eager", "--vllm.num_engines", "0",
+         "--ds.zero_stage", str(zero_stage), "--ds.param_dtype", "fp32", "--ds.attn_implementation", "eager",
+         "--vllm.num_engines", "0",
          "--algo.kl.init_coef", "0", "--algo.advantage.estimator", "group_norm",
          "--rollout.n_samples_per_prompt", "2", "--train.batch_size", "8"]
     )  # fmt: skip
@@ -90,7 +91,7 @@ def test_sharded_zero2_and_zero3_match_the_oracle(cpu_env, tiny_models):
     assert oracle.norm(dim=-1).min() > 0
 
     # Tolerances, relative to each vector's norm. ZeRO-2 runs the oracle's computation on the
-    # same bf16 weights: seen identical to the last bit, on one rank and on two. ZeRO-3 runs its
+    # same float32 weights: seen identical to the last bit, on one rank and on two. ZeRO-3 runs its
     # own gathered-parameter autograd path: seen 0.4% to 0.7% from the oracle, the same on every
     # run (before the CPU patch made ZeRO-3 gathers sequential, a racy checkpoint load sometimes
     # left garbage weights, and this case failed with non-finite vectors).
