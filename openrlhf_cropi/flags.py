@@ -12,6 +12,8 @@ import os
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
+from openrlhf_cropi.core.projection import check_dense_cost
+
 SELECTORS = ("influence", "random", "learnability", "pass_rate")
 PROJECTORS = ("sjlt", "gaussian", "rademacher")
 
@@ -39,17 +41,50 @@ class CropiArgs:
     num_phases: int = _flag(4, "Phases in the run; the run lasts num_phases x steps_per_phase global steps.")
     train_samples: int = _flag(8, "Behavior responses per pool prompt (K), generated once from the initial policy.")
     val_samples: int = _flag(32, "Behavior responses per validation prompt.")
-    behavior_temperature: float = _flag(1.0, "Sampling temperature of the behavior rollouts.")
-    max_val_prompts: int = _flag(100, "Cap on validation prompts per set (seeded choice among non-zero-variance ones).")
+    behavior_temperature: float = _flag(
+        1.0,
+        "Sampling temperature of the behavior rollouts (sampling only: log beta, like the policy's log-probs, "
+        "is computed at --rollout.temperature).",
+    )
+    behavior_chunk: int = _flag(
+        4096,
+        "Behavior prompts in flight on the vLLM engines, and per rollout-store chunk (a killed job loses at most "
+        "one); the engines wake once per pass. Teacher forcing goes by chunks of the same size.",
+    )
+    skip_failed_rewards: bool = _flag(
+        False,
+        "Leave out a behavior response whose reward failed (the reward function raised) instead of stopping "
+        "the job with an error naming the prompt.",
+    )
+    max_val_prompts: int = _flag(
+        100,
+        "Cap on validation prompts per set (seeded choice among those with a gradient; only these are teacher-forced).",
+    )
     keep_ratio: float = _flag(0.1, "Fraction of gradient coordinates kept before projection, in (0, 1].")
     proj_dim: int = _flag(32768, "Dimension of the projected gradients.")
-    projector: str = _flag("sjlt", "Random projection of the kept coordinates.", choices=PROJECTORS)
+    projector: str = _flag(
+        "sjlt",
+        "Random projection of the kept coordinates. sjlt costs one pass over each gradient; the dense gaussian "
+        "and rademacher cost proj_dim x kept coordinates per micro-batch and are refused at startup above "
+        "2^34 matrix entries.",
+        choices=PROJECTORS,
+    )
+    max_tokens_per_gpu: int = _flag(
+        None,
+        "Padded tokens per micro-batch of CROPI's teacher forcing and gradients (the responses of one prompt are "
+        "packed up to it; a longer one goes alone). Default: the job's training micro-batch, i.e. "
+        "--train.max_tokens_per_gpu with --train.dynamic_batch_enable, else --train.micro_batch_size x "
+        "--data.max_len, so CROPI's activations stay within training's. Fixed for a rollout store: changing it "
+        "later needs a new --cropi.store_dir.",
+    )
     rrf_k: float = _flag(
         0.0,
         "Reciprocal rank fusion constant k in sum_v 1/(k + rank_v), ranks counted within each top alpha*N; "
         "0 (as in the reference code) interleaves the per-set leaders, 60 (classical RRF) favours agreement.",
     )
-    seed: int = _flag(0, "Seed of the coordinate subset, the projection and the validation cap.")
+    seed: int = _flag(
+        0, "Seed of the coordinate subset, the projection, the validation cap and the selectors' tie-break order."
+    )
     store_dir: str = _flag(None, "Rollouts, scores and selections (default: <--ckpt.path>/cropi).")
     selector: str = _flag(
         "influence", "How the subset is chosen; the baselines run through the identical pipeline.", choices=SELECTORS
@@ -69,7 +104,9 @@ class CropiArgs:
             raise CropiFlagError(f"--cropi.alpha: must be in (0, 1], got {self.alpha}")
         if not 0 < self.keep_ratio <= 1:
             raise CropiFlagError(f"--cropi.keep_ratio: must be in (0, 1], got {self.keep_ratio}")
-        for name in ("steps_per_phase", "num_phases", "proj_dim", "max_val_prompts"):
+        if self.max_tokens_per_gpu is not None and self.max_tokens_per_gpu < 1:
+            raise CropiFlagError(f"--cropi.max_tokens_per_gpu: must be >= 1, got {self.max_tokens_per_gpu}")
+        for name in ("steps_per_phase", "num_phases", "proj_dim", "max_val_prompts", "behavior_chunk"):
             if getattr(self, name) < 1:
                 raise CropiFlagError(f"--cropi.{name}: must be >= 1, got {getattr(self, name)}")
         for name in ("train_samples", "val_samples"):
@@ -93,8 +130,27 @@ def add_cropi_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def cropi_args(args: SimpleNamespace) -> CropiArgs:
-    """The validated CropiArgs of hierarchical train_ppo_ray args; raises CropiFlagError."""
-    return CropiArgs(**vars(args.cropi))
+    """The validated CropiArgs of hierarchical train_ppo_ray args, with the defaults that depend
+    on other flags filled in; raises CropiFlagError."""
+    values = dict(vars(args.cropi))
+    if values.get("max_tokens_per_gpu") is None:
+        train = args.train
+        values["max_tokens_per_gpu"] = (
+            train.max_tokens_per_gpu if train.dynamic_batch_enable else train.micro_batch_size * args.data.max_len
+        )
+    return CropiArgs(**values)
+
+
+def check_projection_cost(cropi: CropiArgs, total_params: int) -> None:
+    """A dense --cropi.projector is refused where projecting one gradient would take minutes
+    (called by the policy actors once the model is loaded, before any rollout)."""
+    try:
+        check_dense_cost(cropi.projector, total_params, cropi.keep_ratio, cropi.proj_dim)
+    except ValueError as error:
+        raise CropiFlagError(
+            f"--cropi.projector {cropi.projector}: {error}; use --cropi.projector sjlt, or lower --cropi.proj_dim "
+            "or --cropi.keep_ratio"
+        ) from None
 
 
 def check_host_args(args: SimpleNamespace) -> None:
@@ -109,6 +165,9 @@ def check_host_args(args: SimpleNamespace) -> None:
         (args.algo.dynamic_filtering_enable, "--algo.dynamic_filtering_enable: filtered prompts would desynchronise the phase schedule"),
         (args.train.agent_func_path is not None, "--train.agent_func_path: behavior rollouts need the single-turn reward path (--reward.remote_url)"),
         (not args.reward.remote_url, "--reward.remote_url: behavior rollouts need a verifiable reward (a reward .py file or URL)"),
+        (args.actor.gradient_checkpointing_enable and args.actor.gradient_checkpointing_reentrant,
+         "--actor.gradient_checkpointing_reentrant: reentrant checkpointing does not support torch.autograd.grad, "
+         "which CROPI's per-prompt gradients use; leave it off (non-reentrant checkpointing saves the same memory)"),
     ]  # fmt: skip
     for bad, message in unsupported:
         if bad:

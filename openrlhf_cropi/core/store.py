@@ -1,15 +1,17 @@
-"""On-disk rollout store: K responses per prompt with rewards and behavior log-probs, append-only.
+"""On-disk rollout store: K responses per prompt with rewards, and behavior log-probs where needed.
 
-Format (version 1) of a store directory S::
+Format (version 2) of a store directory S::
 
-    S/meta.json          {"format": "cropi-rollouts", "version": 1, "meta": {...}}
-                         ``meta`` records how the rollouts were made (model, temperature,
-                         chat template, ...); written once, when the store is created.
-    S/chunk-000000.pt    one chunk per append, numbered from 0 (gaps allowed), each a
-    S/chunk-000001.pt    ``torch.save`` dict readable with ``torch.load(weights_only=True)``:
-    ...
+    S/meta.json            {"format": "cropi-rollouts", "version": 2, "meta": {...}}
+                           ``meta`` records how the rollouts were made (model, temperatures,
+                           chat template, ...); written once, when the store is created.
+    S/chunk-000000.pt      rollouts: one chunk per ``append``, numbered from 0 (gaps allowed)
+    S/behavior-000000.pt   behavior log-probs (log beta) of prompts stored in rollout chunks,
+    ...                    one chunk per ``append_behavior``
 
-    "version"           1
+Every chunk is a ``torch.save`` dict readable with ``torch.load(weights_only=True)``. Rollout chunk::
+
+    "version"           2
     "index"             int64 [P]     prompt indices (position of the prompt in its source)
     "text"              list[str] P   prompt text exactly as fed to the model
     "label"             list[str] P   JSON encoding of each label
@@ -19,14 +21,31 @@ Format (version 1) of a store directory S::
     "num_responses"     int64 [P]     K of each prompt
     "response_offsets"  int64 [R+1]   R = sum K; response j's tokens likewise
     "response_tokens"   int32
-    "behavior_logprobs" float32       one per response token, aligned with response_tokens
     "rewards"           float32 [R]
+    "zero_gradient"     bool [P]      rewards vary but the gradient is 0 at every theta
+                                      (``advantages.zero_gradient``), kept so that selection
+                                      never reads tokens
+
+Behavior chunk::
+
+    "version"           2
+    "index"             int64 [P]     prompts, each already in a rollout chunk
+    "offsets"           int64 [P+1]   prompt p's log-probs: logprobs[off[p]:off[p+1]], one per
+                                      response token, its responses in stored order
+    "logprobs"          float32
+
+A prompt without behavior log-probs was not teacher-forced; that absence is the marker. Writers
+teacher-force only prompts that can be scored: never one with zero reward variance or a zero
+gradient, and of a validation set only the seeded choice that is scored.
 
 Responses are stored prompt after prompt, in order. Each chunk is written to a temporary name
 in S and moved into place with ``os.replace`` (after fsync), so a chunk file is either complete
 or absent: an interrupted write loses at most the chunk in flight, and leftover ``.tmp`` files
-are ignored. A prompt index appears at most once in a store; ``indices()`` tells a resuming
-writer what is already there. One writer at a time (there is no lock).
+are ignored. A prompt appears at most once among the rollout chunks and at most once among the
+behavior chunks. One writer at a time (there is no lock).
+
+``summary()`` reads what selection needs (rewards, lengths, flags: a few bytes per response)
+without touching tokens or log-probs, so its memory does not grow with response length.
 """
 
 from __future__ import annotations
@@ -36,12 +55,18 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
-FORMAT, VERSION = "cropi-rollouts", 1
+from .advantages import zero_gradient
+
+FORMAT, VERSION = "cropi-rollouts", 2
 _CHUNK = re.compile(r"^chunk-(\d+)\.pt$")
+_BEHAVIOR = re.compile(r"^behavior-(\d+)\.pt$")
+_ROLLOUT_KEYS = {"version", "index", "text", "label", "row", "prompt_offsets", "prompt_tokens", "num_responses",
+                 "response_offsets", "response_tokens", "rewards", "zero_gradient"}  # fmt: skip
+_BEHAVIOR_KEYS = {"version", "index", "offsets", "logprobs"}
 
 
 class StoreError(ValueError):
@@ -58,7 +83,8 @@ def _float(x: Any) -> torch.Tensor:
 
 @dataclass
 class PromptRollouts:
-    """One prompt with its K responses. Lists are converted to tensors; lengths are validated."""
+    """One prompt with its K responses; ``behavior_logprobs`` None where not teacher-forced.
+    Lists are converted to tensors; lengths are validated."""
 
     index: int
     text: str
@@ -67,13 +93,12 @@ class PromptRollouts:
     prompt_ids: torch.Tensor
     responses: list[torch.Tensor]
     rewards: torch.Tensor
-    behavior_logprobs: list[torch.Tensor] = field(repr=False)
+    behavior_logprobs: list[torch.Tensor] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.prompt_ids = _long(self.prompt_ids)
         self.responses = [_long(r) for r in self.responses]
         self.rewards = _float(self.rewards)
-        self.behavior_logprobs = [_float(b) for b in self.behavior_logprobs]
         where = f"prompt {self.index}"
         if self.index < 0:
             raise StoreError(f"{where}: negative index")
@@ -82,19 +107,73 @@ class PromptRollouts:
         k = len(self.responses)
         if k == 0:
             raise StoreError(f"{where}: no responses")
-        if len(self.rewards) != k or len(self.behavior_logprobs) != k:
-            raise StoreError(
-                f"{where}: {k} responses, {len(self.rewards)} rewards, {len(self.behavior_logprobs)} log-prob rows"
-            )
-        for j, (r, b) in enumerate(zip(self.responses, self.behavior_logprobs)):
+        if len(self.rewards) != k:
+            raise StoreError(f"{where}: {k} responses, {len(self.rewards)} rewards")
+        for j, r in enumerate(self.responses):
             if len(r) == 0:
                 raise StoreError(f"{where}: response {j} is empty")
-            if len(b) != len(r):
-                raise StoreError(f"{where}: response {j} has {len(r)} tokens but {len(b)} behavior log-probs")
-            if not torch.isfinite(b).all():
-                raise StoreError(f"{where}: response {j} has non-finite behavior log-probs")
         if not torch.isfinite(self.rewards).all():
             raise StoreError(f"{where}: non-finite rewards")
+        if self.behavior_logprobs is not None:
+            self.behavior_logprobs = _check_behavior(self.index, [len(r) for r in self.responses], self.behavior_logprobs)
+
+
+def _check_behavior(index: int, lengths: Sequence[int], behavior: Sequence[Any]) -> list[torch.Tensor]:
+    where = f"prompt {index}"
+    behavior = [_float(b) for b in behavior]
+    if len(behavior) != len(lengths):
+        raise StoreError(f"{where}: {len(lengths)} responses, {len(behavior)} log-prob rows")
+    for j, (n, b) in enumerate(zip(lengths, behavior)):
+        if len(b) != n:
+            raise StoreError(f"{where}: response {j} has {n} tokens but {len(b)} behavior log-probs")
+    if not torch.isfinite(torch.cat(behavior)).all():
+        bad = next(j for j, b in enumerate(behavior) if not torch.isfinite(b).all())
+        raise StoreError(f"{where}: response {bad} has non-finite behavior log-probs")
+    return behavior
+
+
+@dataclass
+class RolloutSummary:
+    """What selection needs of a store, in ascending prompt index: no tokens, no log-probs.
+
+    Memory: 22 bytes per prompt plus 8 per response (86 bytes per prompt at K = 8), whatever
+    the response length.
+    """
+
+    index: torch.Tensor  # int64 [P]
+    offsets: torch.Tensor  # int64 [P+1]: prompt p's responses are rows offsets[p]:offsets[p+1] below
+    rewards: torch.Tensor  # float32 [R]
+    response_lengths: torch.Tensor  # int32 [R]
+    prompt_lengths: torch.Tensor  # int32 [P]
+    zero_gradient: torch.Tensor  # bool [P]
+    teacher_forced: torch.Tensor  # bool [P]
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def _per_prompt(self, reduce: str) -> torch.Tensor:
+        owner = torch.repeat_interleave(torch.arange(len(self)), self.offsets.diff())
+        out = torch.zeros(len(self), dtype=torch.float64)
+        return out.scatter_reduce(0, owner, self.rewards.double(), reduce, include_self=False)
+
+    @property
+    def zero_variance(self) -> torch.Tensor:
+        """bool [P]: all K rewards equal (or K < 2): no gradient in any phase."""
+        single = self.offsets.diff() < 2
+        return single | (self._per_prompt("amax") == self._per_prompt("amin"))
+
+    @property
+    def usable(self) -> torch.Tensor:
+        """bool [P]: prompts that can have a score (reward variance and a gradient)."""
+        return ~self.zero_variance & ~self.zero_gradient
+
+    @property
+    def pass_rate(self) -> torch.Tensor:
+        """float64 [P]: mean reward (the behavior pass rate for 0/1 rewards)."""
+        return self._per_prompt("mean")
+
+    def response_lengths_of(self, p: int) -> list[int]:
+        return self.response_lengths[int(self.offsets[p]) : int(self.offsets[p + 1])].tolist()
 
 
 def _encode(records: Sequence[PromptRollouts]) -> dict:
@@ -112,23 +191,36 @@ def _encode(records: Sequence[PromptRollouts]) -> dict:
         "num_responses": _long([len(rec.responses) for rec in records]),
         "response_offsets": torch.tensor([0] + response_lens, dtype=torch.long).cumsum(0),
         "response_tokens": torch.cat(responses).int(),
-        "behavior_logprobs": torch.cat([b for rec in records for b in rec.behavior_logprobs]),
         "rewards": torch.cat([rec.rewards for rec in records]),
+        "zero_gradient": torch.tensor([zero_gradient(rec.responses, rec.rewards) for rec in records], dtype=torch.bool),
     }
 
 
-def _check_chunk(c: dict, path: Path) -> None:
+def _encode_behavior(behavior: Mapping[int, Sequence[torch.Tensor]]) -> dict:
+    flat = [torch.cat(list(rows)) for rows in behavior.values()]
+    return {
+        "version": VERSION,
+        "index": _long(list(behavior)),
+        "offsets": torch.tensor([0] + [len(f) for f in flat], dtype=torch.long).cumsum(0),
+        "logprobs": torch.cat(flat),
+    }
+
+
+def _check_chunk(c: Any, path: Path, keys: set) -> None:
     def bad(msg: str) -> StoreError:
         return StoreError(f"{path}: {msg}")
 
-    keys = {"version", "index", "text", "label", "row", "prompt_offsets", "prompt_tokens", "num_responses",
-            "response_offsets", "response_tokens", "behavior_logprobs", "rewards"}
     if not isinstance(c, dict) or set(c) != keys:
         raise bad(f"not a version-{VERSION} chunk (keys {sorted(c) if isinstance(c, dict) else type(c)})")
     if c["version"] != VERSION:
         raise bad(f"chunk version {c['version']}, this code reads {VERSION}")
     p = len(c["index"])
-    if not (len(c["text"]) == len(c["label"]) == len(c["row"]) == len(c["num_responses"]) == p):
+    if keys is _BEHAVIOR_KEYS:
+        off = c["offsets"]
+        if len(off) != p + 1 or int(off[-1]) != len(c["logprobs"]) or (off.diff() <= 0).any():
+            raise bad("offsets do not match the log-probs")
+        return
+    if not (len(c["text"]) == len(c["label"]) == len(c["row"]) == len(c["num_responses"]) == len(c["zero_gradient"]) == p):
         raise bad("per-prompt fields have different lengths")
     po, ro = c["prompt_offsets"], c["response_offsets"]
     n_resp = int(c["num_responses"].sum())
@@ -136,8 +228,8 @@ def _check_chunk(c: dict, path: Path) -> None:
         raise bad("prompt offsets do not match prompt tokens")
     if len(ro) != n_resp + 1 or int(ro[-1]) != len(c["response_tokens"]) or (ro.diff() <= 0).any():
         raise bad("response offsets do not match response tokens")
-    if len(c["rewards"]) != n_resp or len(c["behavior_logprobs"]) != len(c["response_tokens"]):
-        raise bad("rewards or behavior log-probs do not match the responses")
+    if len(c["rewards"]) != n_resp:
+        raise bad("rewards do not match the responses")
 
 
 class RolloutStore:
@@ -153,15 +245,27 @@ class RolloutStore:
         except json.JSONDecodeError as e:
             raise StoreError(f"{meta_path}: invalid JSON ({e})") from None
         if header.get("format") != FORMAT or header.get("version") != VERSION:
-            raise StoreError(f"{meta_path}: not a {FORMAT} version-{VERSION} store")
+            raise StoreError(
+                f"{meta_path}: not a {FORMAT} version-{VERSION} store (found {header.get('format')} "
+                f"version {header.get('version')}: make the rollouts again with this version)"
+            )
         self.meta: dict = header["meta"]
         self._where: dict[int, tuple[Path, int]] = {}
-        self._loaded: tuple[Path, dict] | None = None
-        for chunk in self._chunk_paths():
-            for row, i in enumerate(self._load(chunk)["index"].tolist()):
-                if i in self._where:
-                    raise StoreError(f"{chunk}: prompt {i} already stored in {self._where[i][0]}")
-                self._where[i] = (chunk, row)
+        self._behavior: dict[int, tuple[Path, int]] = {}
+        self._loaded: dict[Path, dict] = {}  # the last rollout chunk and the last behavior chunk read
+        for chunk in self._paths(_CHUNK):
+            self._register(chunk, self._where, "stored")
+        for chunk in self._paths(_BEHAVIOR):
+            self._register(chunk, self._behavior, "teacher-forced")
+            for i in self._load(chunk)["index"].tolist():
+                if i not in self._where:
+                    raise StoreError(f"{chunk}: log-probs of prompt {i}, which has no rollouts")
+
+    def _register(self, chunk: Path, where: dict, what: str) -> None:
+        for row, i in enumerate(self._load(chunk)["index"].tolist()):
+            if i in where:
+                raise StoreError(f"{chunk}: prompt {i} already {what} in {where[i][0]}")
+            where[i] = (chunk, row)
 
     @classmethod
     def create(cls, path: str | Path, meta: dict, exist_ok: bool = False) -> "RolloutStore":
@@ -173,25 +277,32 @@ class RolloutStore:
                 raise StoreError(f"{path}: store already exists")
             store = cls(path)
             if store.meta != header["meta"]:
-                raise StoreError(f"{path}: existing store was made with {store.meta}, not {header['meta']}")
+                diff = sorted(set(store.meta) | set(header["meta"]))
+                diff = [f"{k}={store.meta.get(k)!r} (now {header['meta'].get(k)!r})" for k in diff
+                        if store.meta.get(k) != header["meta"].get(k)]  # fmt: skip
+                raise StoreError(f"{path}: existing store was made with {', '.join(diff)}")
             return store
         path.mkdir(parents=True, exist_ok=True)
         _atomic_write(path / "meta.json", lambda f: f.write(json.dumps(header, indent=1).encode()))
         return cls(path)
 
-    def _chunk_paths(self) -> list[Path]:
-        found = [(int(m.group(1)), p) for p in self.path.iterdir() if (m := _CHUNK.match(p.name))]
+    def _paths(self, pattern: re.Pattern) -> list[Path]:
+        found = [(int(m.group(1)), p) for p in self.path.iterdir() if (m := pattern.match(p.name))]
         return [p for _, p in sorted(found)]
 
     def _load(self, chunk: Path) -> dict:
-        if self._loaded is None or self._loaded[0] != chunk:
+        if chunk not in self._loaded:
             try:
                 c = torch.load(chunk, mmap=True, weights_only=True)
             except Exception as e:  # a truncated or foreign file: say which one
                 raise StoreError(f"{chunk}: unreadable chunk ({e})") from None
-            _check_chunk(c, chunk)
-            self._loaded = (chunk, c)
-        return self._loaded[1]
+            keys = _BEHAVIOR_KEYS if _BEHAVIOR.match(chunk.name) else _ROLLOUT_KEYS
+            _check_chunk(c, chunk, keys)
+            # Keep one chunk of each kind mapped: reading a store chunk after chunk stays flat in memory.
+            for other in [p for p in self._loaded if (_BEHAVIOR.match(p.name) is None) == (keys is _ROLLOUT_KEYS)]:
+                del self._loaded[other]
+            self._loaded[chunk] = c
+        return self._loaded[chunk]
 
     def indices(self) -> list[int]:
         """Stored prompt indices, ascending."""
@@ -203,21 +314,54 @@ class RolloutStore:
     def __contains__(self, index: int) -> bool:
         return index in self._where
 
+    def teacher_forced(self, index: int) -> bool:
+        return index in self._behavior
+
     def get(self, index: int) -> PromptRollouts:
         if index not in self._where:
             raise KeyError(f"{self.path}: prompt {index} not stored")
         chunk, row = self._where[index]
-        return _decode_row(self._load(chunk), row)
+        rec = _decode_row(self._load(chunk), row)
+        if index in self._behavior:
+            bchunk, brow = self._behavior[index]
+            b = self._load(bchunk)
+            flat = b["logprobs"][int(b["offsets"][brow]) : int(b["offsets"][brow + 1])]
+            rec.behavior_logprobs = [part.clone() for part in flat.split([len(r) for r in rec.responses])]
+        return rec
 
     def __iter__(self) -> Iterator[PromptRollouts]:
-        """All prompts, chunk by chunk (cheap: each chunk is loaded once)."""
-        for chunk in self._chunk_paths():
+        """All prompts in chunk order."""
+        for chunk in self._paths(_CHUNK):
+            for i in self._load(chunk)["index"].tolist():
+                yield self.get(i)
+
+    def summary(self) -> RolloutSummary:
+        """Rewards, lengths and flags of every stored prompt, ascending index (see RolloutSummary)."""
+        parts = []
+        for chunk in self._paths(_CHUNK):
             c = self._load(chunk)
-            for row in range(len(c["index"])):
-                yield _decode_row(c, row)
+            parts.append((c["index"].clone(), c["num_responses"].clone(), c["rewards"].clone(),
+                          c["response_offsets"].diff().int(), c["prompt_offsets"].diff().int(),
+                          c["zero_gradient"].clone()))  # fmt: skip
+        if not parts:
+            empty = torch.zeros(0, dtype=torch.long)
+            return RolloutSummary(empty, torch.zeros(1, dtype=torch.long), empty.float(), empty.int(), empty.int(),
+                                  empty.bool(), empty.bool())  # fmt: skip
+        index, counts, rewards, response_lengths, prompt_lengths, zero_grad = (torch.cat(x) for x in zip(*parts))
+        order = torch.argsort(index)
+        starts = (torch.cumsum(counts, 0) - counts)[order]
+        counts = counts[order]
+        offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
+        # Row r of the sorted layout comes from its prompt's old start plus its rank within the prompt.
+        rows = torch.repeat_interleave(starts - offsets[:-1], counts) + torch.arange(int(offsets[-1]))
+        index = index[order]
+        forced = torch.tensor([i in self._behavior for i in index.tolist()], dtype=torch.bool)
+        return RolloutSummary(index, offsets, rewards[rows], response_lengths[rows], prompt_lengths[order],
+                              zero_grad[order], forced)  # fmt: skip
 
     def append(self, records: Sequence[PromptRollouts]) -> None:
-        """Write ``records`` as one new chunk (atomically)."""
+        """Write ``records`` as one new rollout chunk (atomically), and the behavior log-probs
+        they carry as one behavior chunk."""
         if not records:
             return
         seen: set[int] = set()
@@ -225,23 +369,57 @@ class RolloutStore:
             if rec.index in self._where or rec.index in seen:
                 raise StoreError(f"{self.path}: prompt {rec.index} is already stored")
             seen.add(rec.index)
-        paths = self._chunk_paths()
-        number = int(_CHUNK.match(paths[-1].name).group(1)) + 1 if paths else 0
-        chunk = self.path / f"chunk-{number:06d}.pt"
+        chunk = self._next(_CHUNK, "chunk")
         data = _encode(records)
         _atomic_write(chunk, lambda f: torch.save(data, f))
         for row, rec in enumerate(records):
             self._where[rec.index] = (chunk, row)
+        self._write_behavior({rec.index: rec.behavior_logprobs for rec in records if rec.behavior_logprobs is not None})
+
+    def append_behavior(self, behavior: Mapping[int, Sequence[torch.Tensor]]) -> None:
+        """Write the behavior log-probs of stored prompts (index -> one tensor per response) as one chunk."""
+        if not behavior:
+            return
+        checked = {}
+        for i, rows in behavior.items():
+            if i not in self._where:
+                raise StoreError(f"{self.path}: prompt {i} has no rollouts to add log-probs to")
+            if i in self._behavior:
+                raise StoreError(f"{self.path}: prompt {i} is already teacher-forced")
+            chunk, row = self._where[i]
+            checked[i] = _check_behavior(i, _response_spans(self._load(chunk), row).diff().tolist(), rows)
+        self._write_behavior(checked)
+
+    def _write_behavior(self, checked: Mapping[int, list[torch.Tensor]]) -> None:
+        if not checked:
+            return
+        path = self._next(_BEHAVIOR, "behavior")
+        data = _encode_behavior(checked)
+        _atomic_write(path, lambda f: torch.save(data, f))
+        for row, i in enumerate(checked):
+            self._behavior[i] = (path, row)
+
+    def _next(self, pattern: re.Pattern, stem: str) -> Path:
+        paths = self._paths(pattern)
+        number = int(pattern.match(paths[-1].name).group(1)) + 1 if paths else 0
+        return self.path / f"{stem}-{number:06d}.pt"
 
     def writer(self, chunk_size: int) -> "ChunkWriter":
         return ChunkWriter(self, chunk_size)
 
 
+def _response_spans(c: dict, row: int) -> torch.Tensor:
+    """Offsets [K+1] of the responses of a chunk's row in its response_tokens."""
+    first = int(c["num_responses"][:row].sum())
+    return c["response_offsets"][first : first + int(c["num_responses"][row]) + 1]
+
+
 def _decode_row(c: dict, row: int) -> PromptRollouts:
-    po, ro = c["prompt_offsets"], c["response_offsets"]
+    po = c["prompt_offsets"]
     first = int(c["num_responses"][:row].sum())
     k = int(c["num_responses"][row])
-    spans = [(int(ro[j]), int(ro[j + 1])) for j in range(first, first + k)]
+    bounds = _response_spans(c, row).tolist()
+    spans = list(zip(bounds[:-1], bounds[1:]))
     return PromptRollouts(
         index=int(c["index"][row]),
         text=c["text"][row],
@@ -250,7 +428,6 @@ def _decode_row(c: dict, row: int) -> PromptRollouts:
         prompt_ids=c["prompt_tokens"][int(po[row]) : int(po[row + 1])].long(),
         responses=[c["response_tokens"][a:b].long() for a, b in spans],
         rewards=c["rewards"][first : first + k].clone(),
-        behavior_logprobs=[c["behavior_logprobs"][a:b].clone() for a, b in spans],
     )
 
 

@@ -1,17 +1,25 @@
 """OpenRLHF's PPO trainer (the single controller) with CROPI's curriculum.
 
 - Before the first step: behavior rollouts of every pool and validation prompt from the initial
-  policy (vLLM engines, the job's reward function), behavior log-probs by teacher forcing on
-  the DeepSpeed policy actors, all written to the rollout store chunk by chunk. A restarted job
-  generates only what the store lacks.
+  policy (vLLM engines, awake once for the whole pass; the job's reward function), written to
+  the rollout store chunk by chunk; then log beta by teacher forcing on the DeepSpeed policy
+  ranks at --rollout.temperature, only for the prompts that can be scored (pool prompts with
+  a gradient, each validation set's seeded choice). A restarted job does only what the store
+  lacks; a job resumed past step 0, whose policy is no longer the initial one, stops instead.
 - At step 0 and every --cropi.steps_per_phase steps: projected off-policy gradients on all
-  policy ranks, scores, selection; the prompt sampler switches to the new subset.
+  policy ranks, which read their prompts from the store; the pool's come back chunk by chunk
+  and are scored as they come; selection; the prompt sampler switches to the new subset.
+- The trainer itself keeps only the stores' summaries (rewards, lengths, flags: 86 bytes per
+  pool prompt at K = 8) plus, during a phase, one chunk of projected gradients and the cosines
+  (4 bytes per prompt and validation set): never tokens or log-probs.
 - The sampler's state rides in OpenRLHF's checkpoint, so --ckpt.load_enable resumes in the
   same phase on the same subset.
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
 import json
 import os
 import time
@@ -27,16 +35,83 @@ from openrlhf.utils.logging_utils import init_logger
 from torchdata.stateful_dataloader import StatefulDataLoader
 from tqdm import tqdm
 
-from openrlhf_cropi.core.advantages import zero_variance
-from openrlhf_cropi.core.scoring import choose_validation, cosine, select_prompts, validation_vector
-from openrlhf_cropi.core.store import PromptRollouts, RolloutStore
+from openrlhf_cropi.core.gradients import plan_micro_batches
+from openrlhf_cropi.core.scoring import (
+    choose_validation,
+    pool_cosines,
+    select_prompts,
+    tie_break_permutation,
+    validation_vector,
+)
+from openrlhf_cropi.core.store import PromptRollouts, RolloutStore, RolloutSummary, StoreError
 from openrlhf_cropi.flags import CropiFlagError, cropi_args
-from openrlhf_cropi.ray.policy_actor import num_passes
 from openrlhf_cropi.sampler import PhaseSampler
 
 logger = init_logger(__name__)
 
-CHUNK_PROMPTS = 64  # prompts generated, teacher-forced and stored per chunk
+SCORE_CHUNK_PER_RANK = 128  # pool prompts per rank and gradient call: their d-vectors come back together
+
+
+@functools.lru_cache(maxsize=None)
+def _load_tokenizer(name: str, use_fast: bool):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(name, trust_remote_code=True, use_fast=use_fast)
+
+
+class _TokenizerByName:
+    """Stands for the job's tokenizer in engine calls. Pickled as its name, it becomes the real
+    tokenizer in the engine's process, loaded there once: not shipped with each of the many calls."""
+
+    def __init__(self, name: str, use_fast: bool):
+        self.name, self.use_fast = name, use_fast
+
+    def __reduce__(self):
+        return _load_tokenizer, (self.name, self.use_fast)
+
+
+def behavior_record(
+    split: str, index: int, text: str, label, row: dict, outputs: list[dict], max_len: int, skip_failed: bool
+) -> PromptRollouts:
+    """One prompt's behavior rollouts from an engine's per-sample outputs (the dicts of OpenRLHF's
+    SingleTurnAgentExecutor). A failed reward (None: the reward function raised, and OpenRLHF
+    logged it in the engine) stops the job with an error naming the prompt, or, with
+    ``skip_failed``, leaves that response out. It never becomes a reward of 0, which could fake
+    reward variance."""
+    failed = [k for k, out in enumerate(outputs) if out["reward"] is None]
+    if failed and (not skip_failed or len(failed) == len(outputs)):
+        fix = "" if skip_failed else ", or pass --cropi.skip_failed_rewards to leave such responses out"
+        raise RuntimeError(
+            f"CROPI behavior rollouts: the reward of {split} prompt {index} ({text[:200]!r}) failed for response(s) "
+            f"{failed} of {len(outputs)}: the reward function raised (its error is in the vLLM engine's log). "
+            f"Fix the reward function{fix}"
+        )
+    kept = [out for out in outputs if out["reward"] is not None]
+    start = kept[0]["action_ranges"][0][0]
+    return PromptRollouts(
+        index=index, text=text, label=label, row=row, prompt_ids=kept[0]["observation_tokens"][:start],
+        responses=[out["observation_tokens"][start:max_len] for out in kept],
+        rewards=[torch.as_tensor(out["reward"], dtype=torch.float64).item() for out in kept],
+    )  # fmt: skip
+
+
+class _Progress:
+    """A tqdm bar, and a log line with the rate and the whole pass's ETA at most once a minute."""
+
+    def __init__(self, what: str, total: int):
+        self.what, self.total, self.done = what, total, 0
+        self.start = self.logged = time.time()
+        self.bar = tqdm(total=total, desc=what, unit="prompt")
+
+    def update(self, n: int) -> None:
+        self.bar.update(n)
+        self.done += n
+        now = time.time()
+        if now - self.logged >= 60 or self.done == self.total:
+            rate = self.done / max(now - self.start, 1e-9)
+            logger.info(f"{self.what}: {self.done}/{self.total} prompts, {rate:.2f} prompts/s, "
+                        f"ETA {(self.total - self.done) / max(rate, 1e-9):.0f} s")  # fmt: skip
+            self.logged = now
 
 
 class _CropiPPOTrainer(PPOTrainer.__ray_actor_class__):
@@ -64,7 +139,9 @@ class _CropiPPOTrainer(PPOTrainer.__ray_actor_class__):
         )  # fmt: skip
         pool_rows = pool_rows.select(range(min(data.max_samples, len(pool_rows))))
         self.splits = {"pool": (pool, pool_rows, data.prompt_dataset), **self._validation_sets()}
-        self._records: dict[str, list[PromptRollouts]] = {}
+        self._stores: dict[str, RolloutStore] = {}
+        self._summaries: dict[str, RolloutSummary] = {}
+        self._scored: dict[str, list[int]] = {}  # per split: the prompts scored in every phase
         self._pending_status: dict = {}
 
     def _validation_sets(self) -> dict[str, tuple]:
@@ -84,40 +161,91 @@ class _CropiPPOTrainer(PPOTrainer.__ray_actor_class__):
 
     # ---- behavior rollouts -------------------------------------------------------------------
 
-    def _ensure_rollouts(self) -> float:
-        """Generate and store what the store lacks; returns the seconds that took (0 on a full store)."""
+    def _ensure_rollouts(self, resumed_step: int) -> tuple[float, dict]:
+        """Make what the store lacks; returns (seconds it took, status). Nothing on a complete store."""
         t0 = time.time()
-        for split, (dataset, rows, source) in self.splits.items():
-            samples = self.cropi.train_samples if split == "pool" else self.cropi.val_samples
-            # temperature and max_tokens (the teacher-forcing micro-batch budget) are what
-            # `cropi score` needs to reproduce these log-probs offline.
-            meta = {
-                "split": split,
-                "source": source,
-                "model": self.args.actor.model_name_or_path,
-                "samples": samples,
-                "temperature": self.cropi.behavior_temperature,
-                "max_len": self.args.data.max_len,
-                "max_new_tokens": self.args.rollout.max_new_tokens,
-                "max_tokens": self.args.train.max_tokens_per_gpu,
-            }
-            store = RolloutStore.create(self.store_dir / "rollouts" / split, meta, exist_ok=True)
-            missing = [i for i in range(len(dataset)) if i not in store]
-            if missing:
-                logger.info(f"CROPI behavior rollouts for {split}: {len(missing)} of {len(dataset)} prompts to generate")
-            for start in tqdm(range(0, len(missing), CHUNK_PROMPTS), desc=f"CROPI rollouts {split}", disable=not missing):
-                store.append(self._rollout_chunk(dataset, rows, missing[start : start + CHUNK_PROMPTS], samples))
-            self._records[split] = [store.get(i) for i in range(len(dataset))]
-        for split, records in self._records.items():
-            if split != "pool" and bool(zero_variance(torch.stack([r.rewards for r in records])).all()):
-                raise CropiFlagError(
-                    f"--cropi.val_datasets: {self.splits[split][2]}: all {len(records)} prompts have "
-                    "the same reward in every behavior sample, so no validation gradient exists to score against "
-                    f"(rollouts kept in {self.store_dir / 'rollouts' / split})"
-                )
-        return time.time() - t0
+        self._stores = {split: self._open_store(split) for split in self.splits}
+        missing = {split: [i for i in range(len(self.splits[split][0])) if i not in store]
+                   for split, store in self._stores.items()}  # fmt: skip
+        self._check_resume(resumed_step, missing, "behavior rollouts")
+        if any(missing.values()):
+            self._generate(missing)
+        self._summaries = {split: self._summary(split) for split in self.splits}
+        if self.cropi.selector == "influence":
+            for split, summary in self._summaries.items():
+                if split != "pool" and not summary.usable.any():
+                    raise CropiFlagError(
+                        f"--cropi.val_datasets: {self.splits[split][2]}: all {len(summary)} prompts have the same "
+                        "reward in every behavior sample (or identical responses with different rewards), so no "
+                        f"validation gradient exists to score against (rollouts kept in {self._stores[split].path})"
+                    )
+        self._scored = {split: self._needs_behavior(split) for split in self.splits}
+        unforced = {split: [i for i in scored if not bool(self._summaries[split].teacher_forced[i])]
+                    for split, scored in self._scored.items()}  # fmt: skip
+        self._check_resume(resumed_step, unforced, "behavior log-probs (log beta)")
+        if any(unforced.values()):
+            self._teacher_force(unforced)
+        return time.time() - t0, self._report_behavior_pass()
 
-    def _rollout_chunk(self, dataset: PromptDataset, rows, indices: list[int], samples: int) -> list[PromptRollouts]:
+    def _open_store(self, split: str) -> RolloutStore:
+        samples = self.cropi.train_samples if split == "pool" else self.cropi.val_samples
+        # logprob_temperature and max_tokens (the teacher-forcing micro-batch budget) are what
+        # `cropi score` needs to reproduce log beta's numerics offline.
+        meta = {
+            "split": split,
+            "source": self.splits[split][2],
+            "model": self.args.actor.model_name_or_path,
+            "samples": samples,
+            "sample_temperature": self.cropi.behavior_temperature,
+            "logprob_temperature": self.args.rollout.temperature,
+            "max_len": self.args.data.max_len,
+            "max_new_tokens": self.args.rollout.max_new_tokens,
+            "max_tokens": self.cropi.max_tokens_per_gpu,
+        }
+        try:
+            return RolloutStore.create(self.store_dir / "rollouts" / split, meta, exist_ok=True)
+        except StoreError as e:
+            raise CropiFlagError(
+                f"{e}. The store keeps how its rollouts were made (logprob_temperature: --rollout.temperature, "
+                "sample_temperature: --cropi.behavior_temperature, samples: --cropi.train_samples or "
+                "--cropi.val_samples, max_tokens: --cropi.max_tokens_per_gpu): run with those settings, or "
+                "give a new --cropi.store_dir"
+            ) from None
+
+    def _check_resume(self, resumed_step: int, missing: dict[str, list[int]], what: str) -> None:
+        """Rollouts and log beta come from the initial policy: a job resumed past step 0 no longer has it."""
+        for split, indices in missing.items():
+            if resumed_step > 0 and indices:
+                flag = "--data.prompt_dataset" if split == "pool" else "--cropi.val_datasets"
+                raise CropiFlagError(
+                    f"{flag}: {self.splits[split][2]} ({split}): the rollout store {self._stores[split].path} lacks "
+                    f"{what} of {len(indices)} prompts, and this job resumes from step {resumed_step}, whose policy "
+                    "is no longer the initial policy they must come from. Resume with the datasets and --cropi.* "
+                    "settings this run started with (for a new validation set: without it), or start a new run "
+                    "(without --ckpt.load_enable, or with a new --ckpt.path), which makes them from the initial policy"
+                )
+
+    def _summary(self, split: str) -> RolloutSummary:
+        summary = self._stores[split].summary()
+        if not torch.equal(summary.index, torch.arange(len(self.splits[split][0]))):
+            raise CropiFlagError(
+                f"{self._stores[split].path}: the store holds prompts {summary.index[-1].item()} and beyond that "
+                f"{self.splits[split][2]} does not have: it was made from other data (--data.max_samples?); "
+                "give a new --cropi.store_dir"
+            )
+        return summary
+
+    def _needs_behavior(self, split: str) -> list[int]:
+        """The prompts scored in every phase, hence teacher-forced: none for the baselines; the pool's
+        prompts with a gradient; a validation set's seeded choice of --cropi.max_val_prompts of those."""
+        if self.cropi.selector != "influence":
+            return []
+        usable = torch.nonzero(self._summaries[split].usable).flatten().tolist()
+        return usable if split == "pool" else choose_validation(usable, self.cropi.max_val_prompts, self.cropi.seed)
+
+    def _generate(self, missing: dict[str, list[int]]) -> None:
+        """Behavior rollouts of the missing prompts of all splits in one pass: the engines wake once,
+        --cropi.behavior_chunk prompts are in flight, each chunk of finished prompts is stored."""
         from vllm import SamplingParams
 
         params = SamplingParams(
@@ -127,78 +255,128 @@ class _CropiPPOTrainer(PPOTrainer.__ray_actor_class__):
             min_tokens=1,
             skip_special_tokens=False,
         )
+        tokenizer = _TokenizerByName(self.args.actor.model_name_or_path, not self.args.data.disable_fast_tokenizer)
+        chunk, max_len = self.cropi.behavior_chunk, self.args.data.max_len
+        todo = iter([(split, i) for split, indices in missing.items() for i in indices])
+        progress = _Progress("CROPI behavior rollouts", sum(map(len, missing.values())))
+        logger.info(f"CROPI behavior rollouts: {({s: len(m) for s, m in missing.items()})} prompts to generate")
+        engines = itertools.cycle(self.vllm_engines)
+        pending: dict = {}
+        done: dict[str, list[PromptRollouts]] = {split: [] for split in missing}
+
+        def submit() -> None:
+            for split, i in itertools.islice(todo, chunk - len(pending)):
+                dataset = self.splits[split][0]
+                ref = next(engines).generate_responses.remote(
+                    prompt=dataset.prompts[i], label=dataset.labels[i], sampling_params=params, max_length=max_len,
+                    hf_tokenizer=tokenizer,
+                    num_samples=self.cropi.train_samples if split == "pool" else self.cropi.val_samples,
+                )  # fmt: skip
+                pending[ref] = (split, i)
+
         if self.args.vllm.enable_sleep:
             batch_vllm_engine_call(self.vllm_engines, "wake_up")
-        refs = [
-            self.vllm_engines[n % len(self.vllm_engines)].generate_responses.remote(
-                prompt=dataset.prompts[i], label=dataset.labels[i], sampling_params=params,
-                max_length=self.args.data.max_len, hf_tokenizer=self.tokenizer, num_samples=samples,
-            )  # fmt: skip
-            for n, i in enumerate(indices)
-        ]
-        outputs = ray.get(refs)
-        if self.args.vllm.enable_sleep:
-            batch_vllm_engine_call(self.vllm_engines, "sleep")
+        try:
+            submit()
+            while pending:
+                ready, _ = ray.wait(list(pending), num_returns=min(len(pending), 64), timeout=10)
+                for ref in ready:
+                    split, i = pending.pop(ref)
+                    dataset, rows, _ = self.splits[split]
+                    done[split].append(behavior_record(split, i, dataset.prompts[i], dataset.labels[i], dict(rows[i]),
+                                                       ray.get(ref), max_len, self.cropi.skip_failed_rewards))  # fmt: skip
+                    if len(done[split]) == chunk:
+                        self._stores[split].append(done[split])
+                        done[split] = []
+                submit()
+                progress.update(len(ready))
+        finally:  # finished prompts are kept, even when the pass fails
+            for split, records in done.items():
+                self._stores[split].append(records)
+            if self.args.vllm.enable_sleep:
+                batch_vllm_engine_call(self.vllm_engines, "sleep")
 
-        items = []
-        for i, responses in zip(indices, outputs):
-            start = responses[0]["action_ranges"][0][0]
-            items.append(
-                {
-                    "prompt_ids": torch.tensor(responses[0]["observation_tokens"][:start]),
-                    "responses": [torch.tensor(r["observation_tokens"][start : self.args.data.max_len]) for r in responses],
-                    "rewards": torch.tensor([float(r["reward"] if r["reward"] is not None else 0.0) for r in responses]),
-                }
+    def _teacher_force(self, unforced: dict[str, list[int]]) -> None:
+        """log beta, chunk by chunk on the policy ranks, at --rollout.temperature: the temperature of
+        the policy's log-probs in training, so rho is exactly 1 at phase 0 whatever the behavior
+        temperature sampled at."""
+        jobs = [(split, i) for split, indices in unforced.items() for i in indices]
+        progress = _Progress("CROPI teacher forcing", len(jobs))
+        for start in range(0, len(jobs), self.cropi.behavior_chunk):
+            part = jobs[start : start + self.cropi.behavior_chunk]
+            logprobs = self._on_actors(
+                "cropi_behavior_log_probs", part, self.args.rollout.temperature, self.cropi.max_tokens_per_gpu
             )
-        behavior = self._on_actors(
-            "cropi_behavior_log_probs", items, self.cropi.behavior_temperature, self.args.train.max_tokens_per_gpu
-        )
-        return [
-            PromptRollouts(
-                index=i, text=dataset.prompts[i], label=dataset.labels[i], row=dict(rows[i]),
-                prompt_ids=it["prompt_ids"], responses=it["responses"], rewards=it["rewards"],
-                behavior_logprobs=behavior[n],
-            )  # fmt: skip
-            for n, (i, it) in enumerate(zip(indices, items))
-        ]
+            for split in unforced:
+                self._stores[split].append_behavior({i: lp for (s, i), lp in zip(part, logprobs) if s == split})
+                self._summaries[split].teacher_forced[[i for s, i in part if s == split]] = True
+            progress.update(len(part))
 
-    def _on_actors(self, method: str, items: list[dict], *args) -> list:
-        """Run a CROPI method on every policy rank, rank r on items[r::world]; results in item order."""
+    def _report_behavior_pass(self) -> dict:
+        """Log what the pass teacher-forced and what it saved; warn once about zero-gradient prompts."""
+        lines, status = [], {}
+        for split, summary in self._summaries.items():
+            zero_var, zero_grad = int(summary.zero_variance.sum()), int(summary.zero_gradient.sum())
+            usable = len(summary) - zero_var - zero_grad
+            lines.append(f"{split}: {len(self._scored[split])} of {len(summary)} ({zero_var} without reward variance, "
+                         f"{zero_grad} with a zero gradient, {usable - len(self._scored[split])} beyond the cap or "
+                         "unused by this selector)")  # fmt: skip
+            if zero_grad:
+                logger.warning(
+                    f"CROPI: {zero_grad} {split} prompts got different rewards for identical responses: their "
+                    "advantages cancel, so their gradient is 0 (no score). Is the reward function deterministic?"
+                )
+            status[f"cropi/{split}_teacher_forced"] = float(len(self._scored[split]))
+        total = sum(len(s) for s in self._summaries.values())
+        forced = sum(len(s) for s in self._scored.values())
+        logger.info(f"CROPI teacher forcing: {forced} of {total} prompts need log beta, "
+                    f"{1 - forced / max(total, 1):.0%} of the forward passes saved; " + "; ".join(lines))  # fmt: skip
+        return status
+
+    def _on_actors(self, method: str, jobs: list[tuple[str, int]], *args) -> list:
+        """Run a CROPI method on every policy rank, rank r on jobs[r::world], (split, prompt index)
+        pairs that the rank reads from the rollout store itself; results in job order. The methods
+        need the weights only, which stay on the device under --ds.enable_sleep (OpenRLHF's
+        offload moves the optimizer states): nothing is reloaded."""
         world = self.args.actor.num_nodes * self.args.actor.num_gpus_per_node
-        shares = [items[r::world] for r in range(world)]
-        passes = [num_passes(share, self.args.train.max_tokens_per_gpu) for share in shares]
-        if self.args.ds.enable_sleep:
-            ray.get(self.actor_model_group.async_run_method("reload_states"))
-        # Nested in a list, the references reach the actors unresolved: each fetches its own share.
-        refs = [ray.put(share) for share in shares]
-        per_rank = ray.get(self.actor_model_group.async_run_method(method, refs, passes, *args))
-        if self.args.ds.enable_sleep:
-            ray.get(self.actor_model_group.async_run_method("offload_states"))
-        out = [None] * len(items)
+        shares = [jobs[r::world] for r in range(world)]
+        passes = [self._num_passes(share, self.cropi.max_tokens_per_gpu) for share in shares]
+        reads = [[(str(self._stores[split].path), i) for split, i in share] for share in shares]
+        per_rank = ray.get(self.actor_model_group.async_run_method(method, reads, passes, *args))
+        out = [None] * len(jobs)
         for rank, results in enumerate(per_rank):
             out[rank::world] = results
         return out
+
+    def _num_passes(self, share: list[tuple[str, int]], max_tokens: int) -> int:
+        """Forward passes (micro-batches) these prompts take, from the stored lengths."""
+        return sum(
+            len(plan_micro_batches(self._summaries[split].response_lengths_of(i),
+                                   int(self._summaries[split].prompt_lengths[i]), max_tokens))
+            for split, i in share
+        )  # fmt: skip
 
     # ---- phases ------------------------------------------------------------------------------
 
     def _select(self, phase: int) -> dict:
         t0 = time.time()
-        pool = self._records["pool"]
-        has_variance = ~zero_variance(torch.stack([r.rewards for r in pool]))
-        pass_rate = torch.stack([r.rewards.double().mean() for r in pool])
-        if self.cropi.selector != "random" and not has_variance.any():
+        pool = self._summaries["pool"]
+        usable, pass_rate = pool.usable, pool.pass_rate
+        if self.cropi.selector != "random" and not usable.any():
             raise RuntimeError(
-                f"CROPI: all {len(pool)} pool prompts got the same reward in every behavior sample, so none can be "
-                "selected: check the reward function, or raise --cropi.train_samples"
+                f"CROPI: all {len(pool)} pool prompts got the same reward in every behavior sample (or different "
+                "rewards for identical responses), so none can be selected: check the reward function, or raise "
+                "--cropi.train_samples"
             )
-        status = {"cropi/phase": phase, "cropi/prompts_zero_variance": float((~has_variance).sum())}
+        status = {"cropi/phase": phase, "cropi/prompts_zero_variance": float(pool.zero_variance.sum()),
+                  "cropi/prompts_zero_gradient": float(pool.zero_gradient.sum())}  # fmt: skip
+        # A fresh random draw each phase; the others break ties by one seeded order in every phase.
+        seed = self.cropi.seed + phase if self.cropi.selector == "random" else self.cropi.seed
         if self.cropi.selector != "influence":
-            selected, scores = select_prompts(
-                self.cropi.selector, self.cropi.alpha, has_variance, pass_rate, seed=self.cropi.seed + phase
-            )
+            selected, scores = select_prompts(self.cropi.selector, self.cropi.alpha, usable, pass_rate, seed=seed)
             cosines, t_grad, t_score = [], 0.0, 0.0
         else:
-            selected, scores, cosines, t_grad, grad_status = self._influence(has_variance, pass_rate)
+            selected, scores, cosines, t_grad, grad_status = self._influence(usable, pass_rate)
             t_score = time.time() - t0 - t_grad
             status.update(grad_status)
             for v, c in enumerate(cosines):
@@ -218,52 +396,47 @@ class _CropiPPOTrainer(PPOTrainer.__ray_actor_class__):
                 "cropi/time_scoring": t_score,
             }
         )
-        self._save_phase(phase, selected, scores, cosines, status)
+        self._save_phase(phase, selected, scores, cosines, status, seed)
         logger.info(f"CROPI phase {phase}: {len(selected)} prompts selected ({self.cropi.selector}): {status}")
         return status
 
-    def _influence(self, has_variance: torch.Tensor, pass_rate: torch.Tensor):
-        t0 = time.time()
-        pool = self._records["pool"]
-        val_splits = [s for s in self._records if s != "pool"]
-        jobs = [("pool", i) for i in torch.nonzero(has_variance).flatten().tolist()]
-        for split in val_splits:
-            records = self._records[split]
-            candidates = [i for i, r in enumerate(records) if not bool(zero_variance(r.rewards))]
-            jobs += [(split, i) for i in choose_validation(candidates, self.cropi.max_val_prompts, self.cropi.seed)]
-        items = [
-            {"prompt_ids": r.prompt_ids, "responses": r.responses, "rewards": r.rewards, "behavior": r.behavior_logprobs}
-            for r in (self._records[split][i] for split, i in jobs)
-        ]
+    def _influence(self, usable: torch.Tensor, pass_rate: torch.Tensor):
+        """Validation targets first, then the pool chunk by chunk: only one chunk of d-vectors exists at a time."""
         projector = {"keep_ratio": self.cropi.keep_ratio, "proj_dim": self.cropi.proj_dim,
                      "kind": self.cropi.projector, "seed": self.cropi.seed}  # fmt: skip
-        results = self._on_actors("cropi_project", items, projector, self.args.train.max_tokens_per_gpu)
-        t_grad = time.time() - t0
+        t_grad, nonfinite_val = 0.0, 0
 
-        finite = torch.tensor([v is not None for v in results])
-        vectors = torch.stack([v if v is not None else torch.zeros(self.cropi.proj_dim) for v in results])
-        nonfinite = int((~finite).sum())
-        scored = torch.zeros(len(pool), dtype=torch.bool)
-        pool_vectors = torch.zeros(len(pool), self.cropi.proj_dim)
-        cosines = []
-        for n, (split, i) in enumerate(jobs):
-            if split == "pool" and finite[n]:
-                scored[i], pool_vectors[i] = True, vectors[n]
-        for split in val_splits:
-            rows = [n for n, (s, _) in enumerate(jobs) if s == split and finite[n]]
-            if not rows:
+        def project(jobs: list[tuple[str, int]]) -> list:
+            nonlocal t_grad
+            t0 = time.time()
+            vectors = self._on_actors("cropi_project", jobs, projector, self.cropi.max_tokens_per_gpu)
+            t_grad += time.time() - t0
+            return vectors
+
+        targets = []
+        for split in (s for s in self.splits if s != "pool"):
+            vectors = [v for v in project([(split, i) for i in self._scored[split]]) if v is not None]
+            nonfinite_val += len(self._scored[split]) - len(vectors)
+            if not vectors:
                 raise RuntimeError(f"CROPI: no finite validation gradient in {split}")
-            c = cosine(pool_vectors, validation_vector(vectors[rows]))
-            cosines.append(torch.where(scored, c, torch.full_like(c, float("nan"))))
+            targets.append(validation_vector(torch.stack(vectors)))
+        world = self.args.actor.num_nodes * self.args.actor.num_gpus_per_node
+        cosines, nonfinite = pool_cosines(
+            self._scored["pool"], len(usable), lambda positions: project([("pool", p) for p in positions]), targets,
+            chunk=SCORE_CHUNK_PER_RANK * world, progress="CROPI scoring",
+        )  # fmt: skip
+        scored = ~torch.isnan(cosines[0])
         selected, scores = select_prompts(
-            "influence", self.cropi.alpha, has_variance, pass_rate, cosines, scored, self.cropi.rrf_k
+            "influence", self.cropi.alpha, usable, pass_rate, cosines, scored, self.cropi.rrf_k, seed=self.cropi.seed
         )
-        status = {"cropi/prompts_scored": float(scored.sum()), "cropi/prompts_nonfinite": float(nonfinite)}
+        status = {"cropi/prompts_scored": float(scored.sum()),
+                  "cropi/prompts_nonfinite": float(nonfinite.sum() + nonfinite_val)}  # fmt: skip
         return selected, scores, cosines, t_grad, status
 
-    def _save_phase(self, phase, selected: list[int], scores: torch.Tensor, cosines: list, status: dict) -> None:
+    def _save_phase(self, phase, selected: list[int], scores: torch.Tensor, cosines: list, status: dict, seed: int):
         """phases/phase-NNN.json: the selection, each pool prompt's score and cosine per validation
-        set (null where unscored); phase-NNN.jsonl: the selected rows, usable as a prompt dataset."""
+        set (null where unscored), the tie-break order; phase-NNN.jsonl: the selected rows, usable
+        as a prompt dataset."""
         out = self.store_dir / "phases"
         out.mkdir(parents=True, exist_ok=True)
 
@@ -278,8 +451,11 @@ class _CropiPPOTrainer(PPOTrainer.__ray_actor_class__):
             "cosines": [finite_or_none(c) for c in cosines],
             "status": status,
         }
-        pool = self._records["pool"]
-        subset = "".join(json.dumps(pool[i].row, ensure_ascii=False) + "\n" for i in sorted(selected))
+        if self.cropi.selector != "random":
+            # Among equal scores, the prompt earlier in this permutation wins; the same in every phase.
+            record["tie_break"] = {"seed": seed, "permutation": tie_break_permutation(len(scores), seed).tolist()}
+        rows = self.splits["pool"][1]
+        subset = "".join(json.dumps(dict(rows[i]), ensure_ascii=False) + "\n" for i in sorted(selected))
         for name, text in ((f"phase-{phase:03d}.json", json.dumps(record)), (f"phase-{phase:03d}.jsonl", subset)):
             tmp = out / f".{name}.tmp"
             tmp.write_text(text)
@@ -288,16 +464,17 @@ class _CropiPPOTrainer(PPOTrainer.__ray_actor_class__):
     # ---- the loop ----------------------------------------------------------------------------
 
     def fit(self, global_step: int = 0) -> None:
-        t_rollouts = self._ensure_rollouts()
         # A resumed run finds its phase and subset in the checkpoint's sampler state.
-        if self.init_checkpoint_states()["global_step"] == 0:
+        resumed_step = self.init_checkpoint_states()["global_step"]
+        t_rollouts, rollout_status = self._ensure_rollouts(resumed_step)
+        if resumed_step == 0:
             if self.eval_dataloader is not None and self.args.eval.steps > 0:
                 # The initial policy's accuracy, the point every curve starts from, with the
                 # sampling settings PPOTrainer.fit evaluates with.
                 eval_args = self.args.eval
                 settings = {"temperature": eval_args.temperature, "n_samples_per_prompt": eval_args.n_samples_per_prompt}
                 self.evaluate(0, **{**self.generate_kwargs, **settings})
-            self._pending_status = {**self._select(0), "cropi/time_rollouts": t_rollouts}
+            self._pending_status = {**self._select(0), "cropi/time_rollouts": t_rollouts, **rollout_status}
         super().fit(global_step)
 
     def train_step(self, rollout_samples, global_step: int):

@@ -61,7 +61,7 @@ def env(tmp_path_factory):
         write_jsonl(root / f"{name}.jsonl", items)
         assert run("rollouts", "import", "--jsonl", root / f"{name}.jsonl", "--model", beta, "--out", root / name,
                    "--apply-chat-template", "--dtype", "float32", "--max-tokens", 64, "--chunk-size", 5,
-                   "--temperature", 0.9) == 0
+                   "--logprob-temperature", 0.9) == 0
     return root, beta, data
 
 
@@ -70,6 +70,9 @@ def test_import_writes_tokens_and_teacher_forced_log_probs(env):
     store = RolloutStore(root / "train")
     assert store.indices() == list(range(12))
     assert len(list((root / "train").glob("chunk-*.pt"))) == 3  # chunk size 5
+    # No forward pass for the prompts that can never be scored (3 and 7: all rewards equal).
+    assert [i for i in range(12) if not store.teacher_forced(i)] == [3, 7]
+    assert store.get(3).behavior_logprobs is None
     tok = AutoTokenizer.from_pretrained(beta)
     model = AutoModelForCausalLM.from_pretrained(beta, dtype=torch.float32).eval()
     for i in (0, 5, 11):
@@ -127,9 +130,10 @@ def test_identity_scores_equal_exact_full_gradient_cosines(env, tmp_path):
                "--projector", "identity", "--keep-ratio", 1, "--proj-dim", total, "--val-cap", 0,
                "--dtype", "float32", "--out", out) == 0
     scores = json.loads(out.read_text())
-    assert scores["counts"] == {"prompts": 12, "scored": 10, "zero_variance": 2, "nonfinite": 0}
+    assert scores["counts"] == {"prompts": 12, "scored": 10, "zero_variance": 2, "zero_gradient": 0, "nonfinite": 0}
     assert scores["validation_sets"][0] | {"path": None} == {
-        "path": None, "prompts": 5, "zero_variance": 1, "chosen": 4, "used": 4, "nonfinite": 0, "indices": [0, 1, 3, 4]}
+        "path": None, "prompts": 5, "zero_variance": 1, "zero_gradient": 0, "chosen": 4, "used": 4, "nonfinite": 0,
+        "indices": [0, 1, 3, 4]}
     val = RolloutStore(root / "val1")
     target = torch.stack([explicit_gradient(model, val.get(i)) for i in (0, 1, 3, 4)]).mean(0)
     train = RolloutStore(root / "train")
@@ -199,6 +203,50 @@ def test_nonfinite_gradients_are_counted_skipped_and_reported(env, tmp_path, cap
     assert len(picked) == 9 and r0.row["prompt"] not in picked
 
 
+def test_validation_store_teacher_forces_only_the_scored_choice(env, tmp_path, capsys):
+    """--val-cap: log beta only for the seeded choice that `score --val-cap --seed` uses."""
+    root, beta, data = env
+    src = write_jsonl(tmp_path / "val.jsonl", rows(9, 1, flat=(2,)))
+    assert run("rollouts", "import", "--jsonl", src, "--model", beta, "--out", tmp_path / "v", "--dtype", "float32",
+               "--max-tokens", 64, "--logprob-temperature", 0.9, "--val-cap", 3, "--val-seed", 5) == 0
+    assert "teacher forcing 3 of 9 prompts" in capsys.readouterr().err
+    store = RolloutStore(tmp_path / "v")
+    forced = [i for i in store.indices() if store.teacher_forced(i)]
+    assert len(forced) == 3 and 2 not in forced
+    common = ["score", "--model", root / "theta", "--train", root / "train", "--val", tmp_path / "v", "--dtype", "float32",
+              "--proj-dim", 64, "--out", tmp_path / "o.json"]
+    assert run(*common, "--val-cap", 3, "--seed", 5) == 0
+    assert json.loads((tmp_path / "o.json").read_text())["validation_sets"][0]["indices"] == forced
+    assert run(*common, "--val-cap", 4, "--seed", 5) == 2
+    assert "prompts chosen for validation (--val-cap 4 --seed 5) were not teacher-forced" in capsys.readouterr().err
+    # Rerunning with the larger cap adds only the missing log-probs, from the behavior model.
+    assert run("rollouts", "import", "--jsonl", src, "--model", beta, "--out", tmp_path / "v", "--dtype", "float32",
+               "--max-tokens", 64, "--logprob-temperature", 0.9, "--val-cap", 4, "--val-seed", 5) == 0
+    assert "teacher forcing 1 of 9 prompts (3 done before" in capsys.readouterr().err
+    assert run(*common, "--val-cap", 4, "--seed", 5) == 0
+
+
+def test_identical_responses_with_different_rewards_get_no_score(env, tmp_path, capsys):
+    """Zero gradient although the rewards vary: no teacher forcing, no cosine, a warning."""
+    root, beta, data = env
+    items = data["train"][:4]
+    items[1] = {**items[1], "responses": [items[1]["responses"][0]] * 4, "rewards": [0.0, 1.0, 1.0, 0.0]}
+    src = write_jsonl(tmp_path / "pool.jsonl", items)
+    assert run("rollouts", "import", "--jsonl", src, "--model", beta, "--out", tmp_path / "p", "--dtype", "float32",
+               "--max-tokens", 64, "--logprob-temperature", 0.9) == 0
+    assert "1 with a zero gradient" in capsys.readouterr().err
+    assert not RolloutStore(tmp_path / "p").teacher_forced(1)
+    out = tmp_path / "scores.json"
+    assert run("score", "--model", root / "theta", "--train", tmp_path / "p", "--val", root / "val1",
+               "--proj-dim", 64, "--dtype", "float32", "--out", out) == 0
+    assert "1 training prompts got different rewards for identical responses" in capsys.readouterr().err
+    scores = json.loads(out.read_text())
+    assert scores["prompts"][1]["status"] == "zero_gradient" and scores["prompts"][1]["cosines"] is None
+    assert scores["counts"] | {"prompts": 0} == {"prompts": 0, "scored": 2, "zero_variance": 1, "zero_gradient": 1, "nonfinite": 0}
+    assert run("select", "--scores", out, "--alpha", 1.0, "--out", tmp_path / "all.jsonl") == 0
+    assert items[1]["prompt"] not in (tmp_path / "all.jsonl").read_text()
+
+
 @pytest.mark.parametrize(
     "line, message",
     [
@@ -225,7 +273,7 @@ def test_bad_validation_sets_and_scores_files(env, tmp_path, capsys):
     write_jsonl(tmp_path / "flat.jsonl", rows(3, 0, flat=(0, 1, 2)))
     assert run("rollouts", "import", "--jsonl", tmp_path / "flat.jsonl", "--model", beta, "--out", tmp_path / "flat",
                "--dtype", "float32") == 0
-    RolloutStore.create(tmp_path / "empty", {"temperature": 1.0, "max_tokens": 64})
+    RolloutStore.create(tmp_path / "empty", {"logprob_temperature": 1.0, "max_tokens": 64})
     common = ["score", "--model", root / "theta", "--train", root / "train", "--dtype", "float32",
               "--proj-dim", 32, "--out", tmp_path / "o.json"]
     assert run(*common, "--val", tmp_path / "flat") == 2

@@ -1,18 +1,26 @@
-"""Off-policy per-prompt gradients against an explicit, one-response-at-a-time autograd oracle."""
+"""Off-policy per-prompt gradients against an explicit, one-response-at-a-time autograd oracle;
+the streamed projection against the projected oracle; its memory, by the allocator's accounting."""
 
+import itertools
 import statistics
 
 import pytest
 import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from openrlhf_cropi.core.advantages import GROUP_NORM_EPS, group_advantages, zero_variance
 from openrlhf_cropi.core.gradients import (
     behavior_log_probs,
     causal_lm_log_prob_fn,
+    checkpointing_mode,
+    micro_batch_objectives,
     pack_micro_batch,
     plan_micro_batches,
+    projected_gradient,
     prompt_gradient,
+    stream_gradients,
 )
+from openrlhf_cropi.core.projection import SparseProjector
 
 PROMPT = torch.tensor([5, 17, 3, 99, 42])
 RESPONSES = [torch.tensor(r) for r in ([7, 8, 9], [1, 2, 3, 4, 5, 6, 7], [11], [20, 30, 40, 50, 60])]
@@ -133,12 +141,15 @@ def test_micro_batching_does_not_change_the_gradient(tiny_lm):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
-def test_behavior_log_probs_are_bitwise_what_the_gradient_pass_sees(tiny_lm):
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_behavior_log_probs_are_bitwise_what_the_gradient_pass_sees(tiny_lm, checkpointing):
     fn = causal_lm_log_prob_fn(tiny_lm)
-    behavior = behavior_log_probs(fn, PROMPT, RESPONSES, 14, "cpu")
+    behavior = behavior_log_probs(fn, PROMPT, RESPONSES, 14, "cpu")  # eval mode, no checkpointing
+    if checkpointing:
+        tiny_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     for batch in plan_micro_batches([len(r) for r in RESPONSES], len(PROMPT), 14):
         ids, attn, act = pack_micro_batch(PROMPT, [RESPONSES[k] for k in batch], "cpu")
-        with torch.enable_grad():
+        with torch.enable_grad(), checkpointing_mode(tiny_lm):
             lp = fn(ids, attn, act)
         assert lp.requires_grad
         for row, k in enumerate(batch):
@@ -153,9 +164,13 @@ def test_zero_variance_prompt_runs_no_forward(tiny_lm):
         return causal_lm_log_prob_fn(tiny_lm)(*args)
 
     behavior = [torch.zeros(len(r)) for r in RESPONSES]
-    grads = prompt_gradient(counting, list(tiny_lm.parameters()), PROMPT, RESPONSES, [1.0] * 4, behavior, 100, "cpu")
+    params = list(tiny_lm.parameters())
+    grads = prompt_gradient(counting, params, PROMPT, RESPONSES, [1.0] * 4, behavior, 100, "cpu")
+    projector = SparseProjector(sum(p.numel() for p in params), 0.5, 64)
+    vector = projected_gradient(counting, params, projector, PROMPT, RESPONSES, [1.0] * 4, behavior, 100, "cpu")
     assert not calls
     assert all(torch.equal(g, torch.zeros_like(g)) for g in grads)
+    assert torch.equal(vector, torch.zeros(64))
 
 
 def test_gradient_input_errors(tiny_lm):
@@ -167,3 +182,132 @@ def test_gradient_input_errors(tiny_lm):
         prompt_gradient(fn, params, PROMPT, RESPONSES, REWARDS, behavior[:2] + [torch.zeros(4)] + behavior[3:], 100, "cpu")
     with pytest.raises(ValueError, match="empty response"):
         prompt_gradient(fn, params, PROMPT, RESPONSES[:3] + [torch.tensor([], dtype=torch.long)], REWARDS, behavior, 100, "cpu")
+    projector = SparseProjector(sum(p.numel() for p in params), 0.5, 64)
+    with pytest.raises(ValueError, match="rewards"):
+        projected_gradient(fn, params, projector, PROMPT, RESPONSES, REWARDS[:3], behavior, 100, "cpu")
+    with pytest.raises(ValueError, match="the projector expects"):
+        projected_gradient(fn, params[1:], projector, PROMPT, RESPONSES, REWARDS, behavior, 100, "cpu")
+    # Full sizes that disagree with what autograd yields (a mis-described ZeRO-3 partition).
+    numels = [p.numel() for p in params]
+    numels[0], numels[1] = numels[0] - 1, numels[1] + 1
+    with pytest.raises(RuntimeError, match="parameter [01]: gradient of"):
+        projected_gradient(fn, params, projector, PROMPT, RESPONSES, REWARDS, behavior, 100, "cpu", numels)
+
+
+# ---- the streamed projection ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["identity", "sjlt", "gaussian"])
+@pytest.mark.parametrize("max_tokens", [10_000, 14])
+def test_projected_gradient_is_the_projected_oracle(tiny_lm, kind, max_tokens):
+    temperature = 1.0 if max_tokens > 14 else 0.7  # logits divided in place under autograd
+    fn = causal_lm_log_prob_fn(tiny_lm, temperature)
+    behavior = behavior_log_probs(fn, PROMPT, RESPONSES, max_tokens, "cpu")
+    perturb(tiny_lm)  # theta != beta
+    params = list(tiny_lm.parameters())
+    total = sum(p.numel() for p in params)
+    keep, d = (1.0, total) if kind == "identity" else (0.3, 256)
+    projector = SparseProjector(total, keep, d, kind, seed=4, sjlt_nnz=2 if kind == "sjlt" else 1)
+    got = projected_gradient(fn, params, projector, PROMPT, RESPONSES, REWARDS, behavior, max_tokens, "cpu")
+    want = projector.project(oracle_gradient(tiny_lm, PROMPT, RESPONSES, REWARDS, behavior, temperature))
+    assert got.dtype == torch.float32 and got.shape == (d,)
+    # identity: the whole gradient, coordinate by coordinate (so every parameter's offset).
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    assert want.norm() > 1e-3
+    assert all(p.grad is None for p in params)  # training state untouched
+
+
+def peak_allocated(fn) -> int:
+    """Peak bytes held by torch's CPU allocator while ``fn`` runs, above what was held before:
+    the running sum of the profiler's record of every allocation and free, in time order."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    with torch.profiler.profile(activities=activities, profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    assert events, "the profiler recorded no allocation"
+    return max(itertools.accumulate(n for _, n in events))
+
+
+def test_streamed_pass_allocates_no_model_sized_buffer():
+    """On a model whose parameters dominate its activations, the pass's peak allocation stays
+    far below one float32 copy of the parameters; a training step's and prompt_gradient's do not."""
+    config = Qwen2Config(vocab_size=256, hidden_size=256, intermediate_size=1024, num_hidden_layers=8,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=64,
+                         tie_word_embeddings=False)  # fmt: skip
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = Qwen2ForCausalLM(config).float().eval()
+    params = list(model.parameters())
+    param_bytes = 4 * sum(p.numel() for p in params)  # 8.5M parameters: 34 MB
+    largest = 4 * max(p.numel() for p in params)  # 1 MB
+    prompt, responses, rewards = torch.tensor([1, 2, 3]), [torch.tensor([4, 5, 6, 7]), torch.tensor([8, 9, 10])], [1.0, 0.0]
+    fn = causal_lm_log_prob_fn(model)
+    behavior = [b - 0.1 for b in behavior_log_probs(fn, prompt, responses, 100, "cpu")]
+    projector = SparseProjector(sum(p.numel() for p in params), 0.1, 1024)
+
+    def streamed():
+        projected_gradient(fn, params, projector, prompt, responses, rewards, behavior, 100, "cpu")
+
+    def training():  # an ordinary forward + loss.backward() of the same micro-batch
+        ids, attn, act = pack_micro_batch(prompt, responses, "cpu")
+        (-(fn(ids, attn, act) * act).sum()).backward()
+
+    def floor():  # the same backward, every gradient dropped unused
+        for objective in micro_batch_objectives(fn, prompt, responses, rewards, behavior, 100, "cpu"):
+            stream_gradients(objective, params, lambda i, grad: None)
+
+    streamed()  # builds the projector's layout: state, held before the measured pass
+    peaks = {"streamed": peak_allocated(streamed), "floor": peak_allocated(floor), "training": peak_allocated(training)}
+    model.zero_grad(set_to_none=True)
+    peaks["prompt_gradient"] = peak_allocated(
+        lambda: prompt_gradient(fn, params, prompt, responses, rewards, behavior, 100, "cpu")
+    )
+    print({k: f"{v / 2**20:.1f} MiB" for k, v in peaks.items()}, f"parameters {param_bytes / 2**20:.1f} MiB")
+    assert peaks["training"] > param_bytes  # every .grad
+    assert peaks["prompt_gradient"] > param_bytes  # the measurement does see a model-sized buffer
+    # Activations and one parameter's gradient, never all of them; the projection adds its
+    # temporaries (a tenth of one parameter at keep 0.1) and O(d).
+    assert peaks["streamed"] < param_bytes / 4
+    assert peaks["streamed"] <= peaks["floor"] + largest / 4
+
+
+def test_checkpointing_mode_checkpoints_without_changing_results(tiny_lm):
+    fn = causal_lm_log_prob_fn(tiny_lm)
+    behavior = behavior_log_probs(fn, PROMPT, RESPONSES, 14, "cpu")
+    perturb(tiny_lm)
+    params = list(tiny_lm.parameters())
+    projector = SparseProjector(sum(p.numel() for p in params), 0.5, 128)
+    passes = len(plan_micro_batches([len(r) for r in RESPONSES], len(PROMPT), 14))
+    mlp_calls = []
+    # A pre-hook: the recomputation stops (early) as soon as the last saved tensor is rebuilt.
+    tiny_lm.model.layers[0].mlp.register_forward_pre_hook(lambda *args: mlp_calls.append(1))
+
+    def vector():
+        mlp_calls.clear()
+        return projected_gradient(fn, params, projector, PROMPT, RESPONSES, REWARDS, behavior, 14, "cpu")
+
+    plain = vector()
+    assert len(mlp_calls) == passes
+    tiny_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert torch.equal(vector(), plain) and len(mlp_calls) == passes  # eval mode: transformers does not checkpoint
+    tiny_lm.train()
+    with checkpointing_mode(tiny_lm):
+        layer = tiny_lm.model.layers[0]
+        assert layer.training and not layer.mlp.training and not tiny_lm.training
+        checkpointed = vector()
+    assert len(mlp_calls) == 2 * passes  # each micro-batch's layer forward, then its recomputation in backward
+    assert torch.equal(checkpointed, plain)
+    assert all(m.training for m in tiny_lm.modules())  # modes restored
+
+
+def test_checkpointing_mode_refuses_dropout():
+    config = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=16, attention_dropout=0.1)  # fmt: skip
+    model = Qwen2ForCausalLM(config).eval()
+    with checkpointing_mode(model):  # not checkpointing: eval mode, no dropout anyway
+        assert not model.training
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    with pytest.raises(ValueError, match="attention_dropout"):
+        with checkpointing_mode(model):
+            pass
+    assert not any(m.training for m in model.modules())

@@ -1,11 +1,13 @@
-"""Sparse random projection: exactness (identity), JL error, determinism, chunking, hash reference."""
+"""Sparse random projection: exactness (identity), JL error, determinism, chunking, hash reference,
+layouts and their state, the dense-cost limit."""
 
 import math
 
 import pytest
 import torch
 
-from openrlhf_cropi.core.projection import SparseProjector, coordinate_hash
+from openrlhf_cropi.core import projection
+from openrlhf_cropi.core.projection import SparseProjector, check_dense_cost, coordinate_hash
 from openrlhf_cropi.core.scoring import cosine
 
 M32 = 2**32 - 1
@@ -152,6 +154,63 @@ def test_bf16_input_and_validation():
     with pytest.raises(ValueError, match="outside"):
         p.project_chunk(torch.ones(10), 95)
     for bad in [dict(keep_ratio=0.0), dict(keep_ratio=1.5), dict(kind="sparse"), dict(proj_dim=0),
-                dict(sjlt_nnz=3), dict(seed=-1), dict(total_params=0)]:
+                dict(sjlt_nnz=3), dict(seed=-1), dict(total_params=0), dict(layout="sparse")]:
         with pytest.raises(ValueError):
             SparseProjector(**{**dict(total_params=100, keep_ratio=0.5, proj_dim=16), **bad})
+
+
+@pytest.mark.parametrize("kind,nnz,d", [("sjlt", 1, 96), ("sjlt", 3, 96), ("sjlt", 1, 32768), ("gaussian", 1, 96),
+                                        ("rademacher", 1, 96)])
+@pytest.mark.parametrize("keep", [0.3, 1.0])
+def test_bitmask_layout_gives_the_index_layouts_bits_across_blocks(monkeypatch, kind, nnz, d, keep):
+    """The accelerator layout (1 bit per coordinate, int16 sjlt codes up to d = 32768) selects
+    the same coordinates with the same codes as the CPU layout, block after block."""
+    n = 5003
+    v = torch.randn(2, n, generator=torch.Generator().manual_seed(7))  # a batch of two slices
+    one_block = SparseProjector(n, keep, d, kind, seed=2, sjlt_nnz=nnz, layout="index").project_chunk(v, 0)
+    monkeypatch.setattr(projection, "_BLOCK", 1000)  # several blocks, the last one partial
+    by_layout = {
+        layout: SparseProjector(n, keep, d, kind, seed=2, sjlt_nnz=nnz, layout=layout).project_chunk(v, 0)
+        for layout in ("index", "bitmask")
+    }
+    assert torch.equal(by_layout["index"], by_layout["bitmask"])
+    bitmask = SparseProjector(n, keep, d, kind, seed=2, sjlt_nnz=nnz, layout="bitmask")
+    split = bitmask.project_chunk(v[:, 11:], 11) + bitmask.project_chunk(v[:, :11], 0)  # blocks not at multiples of 8
+    torch.testing.assert_close(split, one_block, rtol=1e-5, atol=1e-5)
+    if kind == "sjlt":
+        assert torch.equal(by_layout["index"], one_block)  # same additions in the same order
+    else:  # tiles restart at block boundaries: the same sum, rounded differently
+        torch.testing.assert_close(by_layout["index"], one_block, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout,kind,d,nnz,want", [
+    ("index", "sjlt", 32768, 1, 0.8),  # int32 index + int32 code per kept coordinate, keep 0.1
+    ("bitmask", "sjlt", 32768, 1, 0.325),  # 1/8 + 2 bytes (int16 code) x keep
+    ("bitmask", "sjlt", 65536, 2, 0.925),  # codes past int16: 1/8 + 2 x 4 bytes x keep
+    ("bitmask", "rademacher", 64, 1, 0.525),  # 1/8 + a 4-byte column key x keep
+])  # fmt: skip
+def test_state_bytes_per_parameter(layout, kind, d, nnz, want):
+    n = 400_000
+    p = SparseProjector(n, 0.1, d, kind, seed=1, sjlt_nnz=nnz, layout=layout)
+    assert p.state_bytes_per_parameter("cpu") == pytest.approx(want)
+    assert p.state_bytes() == 0
+    p.project_chunk(torch.ones(n), 0)
+    # The kept set is random: its size within 1%.
+    rows = 4 * (d // 32) if kind == "rademacher" else 0  # plus the dense row keys, O(d)
+    assert (p.state_bytes() - 8 * rows) / n == pytest.approx(want, rel=0.01)
+    p.project_chunk(torch.ones(n), 0)
+    assert (p.state_bytes() - 8 * rows) / n == pytest.approx(want, rel=0.01)  # built once
+    assert SparseProjector(n, 1.0, 64, layout=layout).state_bytes_per_parameter("cpu") == (4 if layout == "index" else 2)
+
+
+def test_auto_layout_is_index_on_cpu_bitmask_elsewhere():
+    p = SparseProjector(1000, 0.1, 32768)
+    assert p.state_bytes_per_parameter("cpu") == pytest.approx(0.8)
+    assert p.state_bytes_per_parameter("cuda") == pytest.approx(0.325)
+
+
+def test_dense_cost_limit_names_the_cost():
+    check_dense_cost("gaussian", 10_000_000, 0.1, 4096)  # 4e9 entries: allowed
+    check_dense_cost("sjlt", 10**11, 1.0, 32768)  # one pass over the gradient: no limit
+    with pytest.raises(ValueError, match=r"32768 x 150,000,000 = 4\.9e\+12 matrix entries .* about 17,203 s each"):
+        check_dense_cost("rademacher", 1_500_000_000, 0.1, 32768)

@@ -1,4 +1,8 @@
-"""Rollout store: round trip, resume, append-only chunks, interrupted writes, validation errors."""
+"""Rollout store: round trip, resume, append-only chunks, interrupted writes, validation errors,
+behavior log-probs added later, and the token-free summary."""
+
+import json
+import statistics
 
 import pytest
 import torch
@@ -8,7 +12,7 @@ from openrlhf_cropi.core.store import PromptRollouts, RolloutStore, StoreError
 META = {"model": "tiny", "temperature": 1.0, "max_tokens": 64}
 
 
-def record(i: int, k: int = 3) -> PromptRollouts:
+def record(i: int, k: int = 3, forced: bool = True) -> PromptRollouts:
     g = torch.Generator().manual_seed(i)
     responses = [torch.randint(0, 100, (1 + (i + j) % 5,), generator=g) for j in range(k)]
     return PromptRollouts(
@@ -19,16 +23,17 @@ def record(i: int, k: int = 3) -> PromptRollouts:
         prompt_ids=torch.randint(0, 100, (2 + i % 3,), generator=g).tolist(),
         responses=responses,
         rewards=[float((i + j) % 2) for j in range(k)],
-        behavior_logprobs=[-torch.rand(len(r), generator=g) for r in responses],
+        behavior_logprobs=[-torch.rand(len(r), generator=g) for r in responses] if forced else None,
     )
 
 
 def assert_same(a: PromptRollouts, b: PromptRollouts) -> None:
     assert (a.index, a.text, a.label, a.row) == (b.index, b.text, b.label, b.row)
     assert torch.equal(a.prompt_ids, b.prompt_ids) and torch.equal(a.rewards, b.rewards)
-    assert len(a.responses) == len(b.responses)
-    for x, y, bx, by in zip(a.responses, b.responses, a.behavior_logprobs, b.behavior_logprobs):
-        assert torch.equal(x, y) and torch.equal(bx, by)
+    assert len(a.responses) == len(b.responses) and all(torch.equal(x, y) for x, y in zip(a.responses, b.responses))
+    assert (a.behavior_logprobs is None) == (b.behavior_logprobs is None)
+    for bx, by in zip(a.behavior_logprobs or [], b.behavior_logprobs or []):
+        assert torch.equal(bx, by)
 
 
 def test_round_trip_in_chunks(tmp_path):
@@ -37,7 +42,8 @@ def test_round_trip_in_chunks(tmp_path):
     with store.writer(chunk_size=2) as w:
         for r in records:
             w.add(r)
-    assert sorted(p.name for p in (tmp_path / "s").glob("chunk-*.pt")) == [
+    assert sorted(p.name for p in (tmp_path / "s").glob("*.pt")) == [
+        "behavior-000000.pt", "behavior-000001.pt", "behavior-000002.pt",
         "chunk-000000.pt", "chunk-000001.pt", "chunk-000002.pt"]
     again = RolloutStore(tmp_path / "s")
     assert again.meta == META and again.indices() == [0, 1, 4, 7, 9] and len(again) == 5
@@ -47,8 +53,11 @@ def test_round_trip_in_chunks(tmp_path):
     with pytest.raises(KeyError):
         again.get(2)
     c = torch.load(tmp_path / "s" / "chunk-000000.pt", weights_only=True)  # documented layout
-    assert c["prompt_tokens"].dtype == torch.int32 and c["behavior_logprobs"].dtype == torch.float32
+    assert c["prompt_tokens"].dtype == torch.int32 and c["zero_gradient"].dtype == torch.bool
     assert len(c["response_offsets"]) == int(c["num_responses"].sum()) + 1
+    b = torch.load(tmp_path / "s" / "behavior-000000.pt", weights_only=True)
+    assert b["index"].tolist() == [4, 0] and b["logprobs"].dtype == torch.float32
+    assert len(b["logprobs"]) == len(c["response_tokens"])
 
 
 def test_resume_and_duplicates(tmp_path):
@@ -58,7 +67,7 @@ def test_resume_and_duplicates(tmp_path):
         RolloutStore.create(tmp_path / "s", META)
     resumed = RolloutStore.create(tmp_path / "s", META, exist_ok=True)
     assert resumed.indices() == [0, 1]
-    with pytest.raises(StoreError, match="made with"):
+    with pytest.raises(StoreError, match=r"made with temperature=1.0 \(now 0.6\)$"):
         RolloutStore.create(tmp_path / "s", {**META, "temperature": 0.6}, exist_ok=True)
     with pytest.raises(StoreError, match="prompt 1 is already stored"):
         resumed.append([record(2), record(1)])
@@ -80,7 +89,7 @@ def test_interrupted_write_loses_only_the_chunk_in_flight(tmp_path, monkeypatch)
         store.append([record(2), record(3)])
     monkeypatch.undo()
     names = sorted(p.name for p in (tmp_path / "s").iterdir())
-    assert names == ["chunk-000000.pt", "meta.json"]  # no partial chunk, temp file cleaned up
+    assert names == ["behavior-000000.pt", "chunk-000000.pt", "meta.json"]  # no partial chunk, temp file cleaned up
     # A hard kill leaves a temp file behind: it is ignored.
     (tmp_path / "s" / ".chunk-000001.pt.tmp.999").write_bytes(b"garbage")
     reopened = RolloutStore(tmp_path / "s")
@@ -104,6 +113,8 @@ def test_record_validation_errors():
     fields = dict(index=0, text="t", label=None, row={}, prompt_ids=[1, 2])
     with pytest.raises(StoreError, match="3 responses, 2 rewards"):
         PromptRollouts(**fields, responses=ok.responses, rewards=[0.0, 1.0], behavior_logprobs=ok.behavior_logprobs)
+    with pytest.raises(StoreError, match="3 responses, 2 log-prob rows"):
+        PromptRollouts(**fields, responses=ok.responses, rewards=ok.rewards, behavior_logprobs=ok.behavior_logprobs[:2])
     with pytest.raises(StoreError, match="response 1 has"):
         bad = [ok.behavior_logprobs[0], torch.zeros(len(ok.responses[1]) + 1), ok.behavior_logprobs[2]]
         PromptRollouts(**fields, responses=ok.responses, rewards=ok.rewards, behavior_logprobs=bad)
@@ -126,3 +137,64 @@ def test_corrupt_or_missing_store_errors_name_the_file(tmp_path):
     torch.save(c, tmp_path / "s" / "chunk-000001.pt")
     with pytest.raises(StoreError, match="chunk-000001.pt: rewards"):
         RolloutStore(tmp_path / "s")
+    (tmp_path / "s" / "chunk-000001.pt").unlink()
+    b = torch.load(tmp_path / "s" / "behavior-000000.pt", weights_only=True)
+    b["index"] = torch.tensor([5])
+    torch.save(b, tmp_path / "s" / "behavior-000001.pt")
+    with pytest.raises(StoreError, match="behavior-000001.pt: prompt 5 already teacher-forced|behavior-000001.pt: log-probs of prompt 5"):
+        RolloutStore(tmp_path / "s")
+    (tmp_path / "s" / "behavior-000001.pt").unlink()
+    # A store in the previous format says so instead of failing somewhere later.
+    header = json.loads((tmp_path / "s" / "meta.json").read_text())
+    (tmp_path / "s" / "meta.json").write_text(json.dumps({**header, "version": 1}))
+    with pytest.raises(StoreError, match="version 1: make the rollouts again"):
+        RolloutStore(tmp_path / "s")
+
+
+def test_behavior_log_probs_added_later_and_the_marker(tmp_path):
+    """Rollouts first, log beta later for some prompts only: the others stay marked as not teacher-forced."""
+    store = RolloutStore.create(tmp_path / "s", META)
+    full = [record(i) for i in range(4)]
+    store.append([record(i, forced=False) for i in range(4)])
+    assert [store.teacher_forced(i) for i in range(4)] == [False] * 4
+    assert store.get(2).behavior_logprobs is None
+    store.append_behavior({i: full[i].behavior_logprobs for i in (3, 1)})
+    again = RolloutStore(tmp_path / "s")
+    assert [again.teacher_forced(i) for i in range(4)] == [False, True, False, True]
+    for i in range(4):
+        assert_same(again.get(i), full[i] if i in (1, 3) else record(i, forced=False))
+    assert again.summary().teacher_forced.tolist() == [False, True, False, True]
+    with pytest.raises(StoreError, match="prompt 1 is already teacher-forced"):
+        again.append_behavior({1: full[1].behavior_logprobs})
+    with pytest.raises(StoreError, match="prompt 9 has no rollouts"):
+        again.append_behavior({9: full[1].behavior_logprobs})
+    with pytest.raises(StoreError, match="prompt 0: response 1 has"):
+        again.append_behavior({0: [full[0].behavior_logprobs[0], torch.zeros(99), full[0].behavior_logprobs[2]]})
+    assert len(list((tmp_path / "s").glob("behavior-*.pt"))) == 1  # failed appends wrote nothing
+
+
+def test_summary_matches_the_decoded_records(tmp_path):
+    """The summary (read without tokens) against the records decoded one by one, in index order."""
+    store = RolloutStore.create(tmp_path / "s", META)
+    records = [record(i, k=2 + i % 4, forced=i % 3 == 0) for i in (7, 2, 9, 0, 5, 3, 8)]
+    # A prompt with identical responses whose rewards differ: zero gradient although the rewards vary.
+    r = records[1]
+    records[1] = PromptRollouts(r.index, r.text, r.label, r.row, r.prompt_ids, [r.responses[0]] * len(r.responses),
+                                [float(j % 2) for j in range(len(r.responses))])
+    records[5] = PromptRollouts(3, "t", None, {}, [1], [[4], [5], [6]], [1.0, 1.0, 1.0])  # zero variance
+    with store.writer(chunk_size=3) as w:
+        for rec in records:
+            w.add(rec)
+    s = RolloutStore(tmp_path / "s").summary()
+    want = sorted(records, key=lambda rec: rec.index)
+    assert s.index.tolist() == [rec.index for rec in want] and len(s) == 7
+    for p, rec in enumerate(want):
+        assert s.rewards[s.offsets[p] : s.offsets[p + 1]].tolist() == rec.rewards.tolist()
+        assert s.response_lengths_of(p) == [len(x) for x in rec.responses]
+        assert int(s.prompt_lengths[p]) == len(rec.prompt_ids)
+        assert bool(s.teacher_forced[p]) == (rec.behavior_logprobs is not None)
+        assert s.pass_rate[p].item() == pytest.approx(statistics.mean(rec.rewards.tolist()))
+    assert s.zero_variance.tolist() == [rec.index == 3 for rec in want]
+    assert s.zero_gradient.tolist() == [rec.index == 2 for rec in want]
+    assert s.usable.tolist() == [rec.index not in (2, 3) for rec in want]
+    assert len(RolloutStore.create(tmp_path / "empty", META).summary()) == 0

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from openrlhf_cropi.cli.train_ppo_ray import main, parse_args
-from openrlhf_cropi.flags import CropiFlagError
+from openrlhf_cropi.flags import CropiFlagError, check_projection_cost, cropi_args
 
 pytestmark = pytest.mark.host
 
@@ -55,6 +55,9 @@ def test_without_enable_cropi_checks_nothing(files):
         (["--cropi.val_datasets", "{val}", "--data.dataloader_num_workers", "2"], "--data.dataloader_num_workers"),
         (["--cropi.val_datasets", "{val}", "--train.num_episodes", "2"], "--train.num_episodes"),
         (["--cropi.val_datasets", "{badkey}"], "--cropi.val_datasets: {badkey} has no column 'prompt'"),
+        (["--cropi.val_datasets", "{val}", "--cropi.max_tokens_per_gpu", "0"], "--cropi.max_tokens_per_gpu: must be >= 1"),
+        (["--cropi.val_datasets", "{val}", "--actor.gradient_checkpointing_enable",
+          "--actor.gradient_checkpointing_reentrant"], "--actor.gradient_checkpointing_reentrant: reentrant"),
     ],
 )
 def test_bad_input_is_a_clear_startup_error(files, extra, message):
@@ -66,6 +69,26 @@ def test_bad_input_is_a_clear_startup_error(files, extra, message):
         parse_args(_argv(tmp_path, pool, "--cropi.enable", *[e.format(**fill) for e in extra]))
     assert str(error.value).startswith("--")  # names the flag first
     assert message.format(**fill) in str(error.value)
+
+
+def test_micro_batch_budget_defaults_to_the_training_micro_batch(files):
+    tmp_path, pool, val = files
+    base = _argv(tmp_path, pool, "--cropi.enable", "--cropi.val_datasets", str(val), "--data.max_len", "3072")
+    assert cropi_args(parse_args(base + ["--train.micro_batch_size", "4"])).max_tokens_per_gpu == 4 * 3072
+    dynamic = ["--train.dynamic_batch_enable", "--train.max_tokens_per_gpu", "9000", "--ds.packing_samples",
+               "--vllm.num_engines", "1"]  # what OpenRLHF requires with dynamic batching
+    assert cropi_args(parse_args(base + dynamic)).max_tokens_per_gpu == 9000
+    assert cropi_args(parse_args(base + ["--cropi.max_tokens_per_gpu", "5000"])).max_tokens_per_gpu == 5000
+
+
+def test_dense_projector_too_costly_for_the_model_is_refused(files):
+    tmp_path, pool, val = files
+    args = parse_args(_argv(tmp_path, pool, "--cropi.enable", "--cropi.val_datasets", str(val),
+                            "--cropi.projector", "gaussian"))  # fmt: skip
+    check_projection_cost(cropi_args(args), 10_000)  # a tiny model: fine
+    with pytest.raises(CropiFlagError, match=r"^--cropi\.projector gaussian: .* matrix entries per gradient .* use "
+                                             r"--cropi\.projector sjlt"):  # fmt: skip
+        check_projection_cost(cropi_args(args), 1_500_000_000)
 
 
 def test_unknown_projector_is_rejected_by_the_parser(files, capsys):

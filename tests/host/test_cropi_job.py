@@ -1,11 +1,17 @@
 """A whole CROPI job on the CPU stack: phases, killed after the first boundary, resumed.
 
-One job (tiny model, 16-prompt pool, one validation set, 3 phases x 2 steps) is killed as soon
-as its step-2 checkpoint (taken right after the phase-1 selection) is on disk, then resumed
-with --ckpt.load_enable. Checked:
-- phases re-scored at new weights, the sampler switched to each new subset;
-- the in-job phase-1 cosines equal `cropi score` (the offline CLI) on the step-2 checkpoint
-  and the job's own rollout store;
+One job (tiny model, 16-prompt pool, one validation set, 3 phases x 2 steps, behavior responses
+sampled at temperature 0.5 while the policy trains at 1.0) is killed as soon as its step-2
+checkpoint (taken right after the phase-1 selection) is on disk, then resumed with
+--ckpt.load_enable. Checked:
+- only the prompts that can be scored were teacher-forced (not the zero-variance ones);
+- phases re-scored at new weights, the sampler switched to each new subset, ties broken by
+  one recorded permutation;
+- the in-job phase-1 cosines equal `cropi score` (the offline CLI) on the step-2 checkpoint,
+  with the job's responses and rewards but log beta recomputed here from the INITIAL model at
+  the training temperature: log beta and log pi share one temperature;
+- resuming with a validation set added stops with an error naming it (its rollouts would have
+  to come from the initial policy, which the resumed job no longer holds), writing nothing;
 - the resumed job trains phase 1 on the same subset, generates no rollout, redoes no
   selection, selects phase 2 at step 4 and trains on to the end.
 """
@@ -21,6 +27,8 @@ import time
 import pytest
 import torch
 
+from openrlhf_cropi.core.store import PromptRollouts, RolloutStore
+
 pytestmark = [pytest.mark.host, pytest.mark.e2e]
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -32,7 +40,7 @@ def _jsonl(path, rows):
     return path
 
 
-def _job_command(tmp_path, model, *extra, reward=REWARD, val_label=lambda a: str(2 * a)):
+def _job_command(tmp_path, model, *extra, reward=REWARD, val_label=lambda a: str(2 * a), more_val=()):
     pool = _jsonl(tmp_path / "pool.jsonl", [{"prompt": f"What is {a} - {b}?", "label": str(a - b)}
                                             for a, b in zip(range(30, 46), range(3, 50, 3))])  # fmt: skip
     val = _jsonl(tmp_path / "val.jsonl", [{"prompt": f"What is {a} + {a}?", "label": val_label(a)} for a in range(11, 17)])
@@ -49,9 +57,10 @@ def _job_command(tmp_path, model, *extra, reward=REWARD, val_label=lambda a: str
         "--ds.zero_stage", "2", "--ds.param_dtype", "fp32", "--ds.attn_implementation", "eager", "--train.seed", "0",
         "--ckpt.path", tmp_path / "ckpt", "--ckpt.save_steps", "2", "--ckpt.save_hf",
         "--ckpt.output_dir", tmp_path / "final", "--logger.tensorboard_dir", tmp_path / "tb",
-        "--cropi.enable", "--cropi.val_datasets", val, "--cropi.alpha", "0.25",
+        "--cropi.enable", "--cropi.val_datasets", val, *more_val, "--cropi.alpha", "0.25",
         "--cropi.steps_per_phase", "2", "--cropi.num_phases", "3", "--cropi.train_samples", "4",
-        "--cropi.val_samples", "4", "--cropi.keep_ratio", "0.5", "--cropi.proj_dim", "256", *extra,
+        "--cropi.val_samples", "4", "--cropi.keep_ratio", "0.5", "--cropi.proj_dim", "256",
+        "--cropi.behavior_temperature", "0.5", "--rollout.temperature", "1.0", *extra,
     ]  # fmt: skip
     script = '. launch/local/cpu_env.sh; start_ray 3; trap stop_ray EXIT; python -m openrlhf_cropi.cli.train_ppo_ray "$@"'
     return ["bash", "-c", script, "cropi-job", *map(str, flags)]
@@ -97,6 +106,30 @@ def _sampler_state(checkpoint_file):
     return find(torch.load(checkpoint_file, map_location="cpu", weights_only=False))
 
 
+def _with_log_beta_from(initial_model, job_store, out, temperature):
+    """The job's responses and rewards with log beta recomputed from the initial model (plain
+    transformers, response by response, full-vocab log_softmax of logits / temperature) for the
+    prompts the job teacher-forced; the others stay without, as in the job's store."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(initial_model, dtype=torch.float32).eval()
+    source = RolloutStore(job_store)
+    store = RolloutStore.create(out, {"logprob_temperature": temperature, "max_tokens": source.meta["max_tokens"]})
+    records = []
+    for i in source.indices():
+        rec = source.get(i)
+        behavior = None
+        if rec.behavior_logprobs is not None:
+            behavior = []
+            for ids in rec.responses:
+                with torch.no_grad():
+                    logits = model(torch.cat([rec.prompt_ids, ids]).unsqueeze(0)).logits[0, len(rec.prompt_ids) - 1 : -1]
+                behavior.append(torch.log_softmax(logits / temperature, -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1))
+        records.append(PromptRollouts(i, rec.text, rec.label, rec.row, rec.prompt_ids, rec.responses, rec.rewards, behavior))
+    store.append(records)
+    return out
+
+
 def test_two_phases_offline_equality_and_resume(cpu_env, tiny_models, tmp_path):
     model = str(tiny_models[0])
     store = tmp_path / "ckpt/cropi"
@@ -108,17 +141,33 @@ def test_two_phases_offline_equality_and_resume(cpu_env, tiny_models, tmp_path):
     assert (step2 / "tokenizer_config.json").exists(), f"job ended (rc={rc}) before its step-2 checkpoint:\n{log1[-5000:]}"
     assert not (tmp_path / "ckpt/_actor/global_step4").exists(), "the job was killed too late"
 
+    # Teacher forcing only where a score can come of it; the log says what that saved.
+    for split in ("pool", "val0"):
+        summary = RolloutStore(store / "rollouts" / split).summary()
+        assert summary.teacher_forced.tolist() == summary.usable.tolist()
+    pool = RolloutStore(store / "rollouts/pool").summary()
+    forced = int(pool.teacher_forced.sum()) + int(RolloutStore(store / "rollouts/val0").summary().teacher_forced.sum())
+    assert f"CROPI teacher forcing: {forced} of 22 prompts need log beta" in log1
+    print(f"pool: {len(pool)} generated, {int(pool.teacher_forced.sum())} teacher-forced, "
+          f"{int(pool.zero_variance.sum())} zero-variance, {int(pool.zero_gradient.sum())} zero-gradient")
+
     phases = [json.loads((store / f"phases/phase-{m:03d}.json").read_text()) for m in (0, 1)]
     assert [p["phase"] for p in phases] == [0, 1]
     assert all(len(p["selected"]) == 4 for p in phases)
     assert phases[0]["cosines"] != phases[1]["cosines"]  # re-scored at the new weights
+    assert phases[0]["tie_break"] == phases[1]["tie_break"] and phases[0]["tie_break"]["seed"] == 0
+    assert sorted(phases[0]["tie_break"]["permutation"]) == list(range(16))
     assert len((store / "phases/phase-001.jsonl").read_text().splitlines()) == 4
 
-    # The offline CLI at the step-2 checkpoint, on the job's own store, scores like the job did.
+    # The offline CLI at the step-2 checkpoint, on the job's responses and rewards with log beta
+    # recomputed from the initial model at the training temperature (1.0; the responses were
+    # sampled at 0.5), scores like the job did.
+    offline_stores = {split: _with_log_beta_from(model, store / "rollouts" / split, tmp_path / "offline" / split, 1.0)
+                      for split in ("pool", "val0")}  # fmt: skip
     out = tmp_path / "offline.json"
     subprocess.run(
         [sys.executable, "-m", "openrlhf_cropi.cli.cropi", "score", "--model", str(step2),
-         "--train", str(store / "rollouts/pool"), "--val", str(store / "rollouts/val0"), "--keep-ratio", "0.5",
+         "--train", str(offline_stores["pool"]), "--val", str(offline_stores["val0"]), "--keep-ratio", "0.5",
          "--proj-dim", "256", "--projector", "sjlt", "--seed", "0", "--out", str(out)],
         check=True, capture_output=True, text=True,
     )  # fmt: skip
@@ -127,18 +176,33 @@ def test_two_phases_offline_equality_and_resume(cpu_env, tiny_models, tmp_path):
     scored = [i for i, c in enumerate(in_job) if c is not None]
     assert scored and all(offline[i] is not None for i in scored)
     assert all(offline[i] is None for i, c in enumerate(in_job) if c is None)
+    print("in-job vs offline phase-1 cosines, max |difference|:",
+          max(abs(offline[i][0] - in_job[i]) for i in scored))  # fmt: skip
+    # float32 on both sides (--ds.param_dtype fp32): seen 1.5e-7 apart.
     torch.testing.assert_close(torch.tensor([offline[i][0] for i in scored]), torch.tensor([in_job[i] for i in scored]),
-                               atol=2e-3, rtol=0)  # fmt: skip
+                               atol=1e-5, rtol=0)  # fmt: skip
+
+    # Resume with a validation set added: its rollouts would come from the resumed policy. It stops.
+    chunks = {p: p.stat().st_mtime_ns for p in (store / "rollouts").rglob("*.pt")}
+    val2 = _jsonl(tmp_path / "val2.jsonl", [{"prompt": f"What is {a} + 1?", "label": str(a + 1)} for a in range(4)])
+    rc = _run_until(_job_command(tmp_path, model, "--ckpt.load_enable", more_val=(val2,)), lambda: False,
+                    tmp_path / "run-val2.log")  # fmt: skip
+    log = (tmp_path / "run-val2.log").read_text()
+    assert rc != 0, log[-5000:]
+    assert f"--cropi.val_datasets: {val2} (val1): the rollout store {store / 'rollouts/val1'} lacks behavior rollouts of " \
+           "4 prompts, and this job resumes from step 2" in log, log[-5000:]  # fmt: skip
+    assert not list((store / "rollouts/val1").glob("*.pt"))
+    assert {p: p.stat().st_mtime_ns for p in (store / "rollouts").rglob("*.pt")} == chunks
+    assert not (store / "phases/phase-002.json").exists()
 
     # Resume: no rollout regenerated, no selection redone, same phase and subset, training goes on.
     state = _sampler_state(tmp_path / "ckpt/_actor/global_step2/mp_rank_00_model_states.pt")
     assert state["phase"] == 1 and sorted(state["subset"]) == sorted(phases[1]["selected"])
-    chunks = {p: p.stat().st_mtime_ns for p in (store / "rollouts").rglob("chunk-*.pt")}
     phase_files = {p: p.stat().st_mtime_ns for p in (store / "phases").glob("phase-00[01].*")}
     rc = _run_until(_job_command(tmp_path, model, "--ckpt.load_enable"), lambda: False, tmp_path / "run2.log")
     log2 = (tmp_path / "run2.log").read_text()
     assert rc == 0, log2[-5000:]
-    assert {p: p.stat().st_mtime_ns for p in (store / "rollouts").rglob("chunk-*.pt")} == chunks
+    assert {p: p.stat().st_mtime_ns for p in (store / "rollouts").rglob("*.pt")} == chunks
     assert {p: p.stat().st_mtime_ns for p in (store / "phases").glob("phase-00[01].*")} == phase_files
     assert "CROPI behavior rollouts" not in log2
     assert "CROPI phase 0" not in log2 and "CROPI phase 1" not in log2 and "CROPI phase 2" in log2

@@ -150,10 +150,18 @@ def test_placeholders_are_refused_until_filled(data):
     recipe = str(RECIPE_DIR / "cropi-qwen2.5-1.5b-instruct.sh")
     empty = subprocess.run(["bash", "-c", script, "_", recipe], env=clean_env(), capture_output=True, text=True)
     assert empty.returncode != 0
-    for placeholder in ("/path/to/train_pool.jsonl", "/path/to/reward.py", "/path/to/val_target_1.jsonl"):
+    for placeholder in ("/path/to/train_pool.jsonl", "/path/to/val_target_1.jsonl"):
         assert placeholder in empty.stderr
     filled = subprocess.run(["bash", "-c", script, "_", recipe], env=clean_env(**data), capture_output=True, text=True)
     assert filled.returncode == 0, filled.stderr
+
+
+def test_default_reward_is_the_math_verify_reward(data):
+    """Without REWARD_FUNC the recipes score with this checkout's math-verify reward file."""
+    env = {k: v for k, v in data.items() if k != "REWARD_FUNC"}
+    args = recipe_args(RECIPE_DIR / "cropi-qwen2.5-1.5b-instruct.sh", **env)
+    reward = args[args.index("--reward.remote_url") + 1]
+    assert reward == str(ROOT / "openrlhf_cropi/rewards/math_verify.py") and pathlib.Path(reward).is_file()
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,1 @@
+"""Real pretrained models, built offline from packages on the package index."""

@@ -1,0 +1,1 @@
+"""Reward functions in OpenRLHF's contract (`--reward.remote_url FILE.py`)."""
