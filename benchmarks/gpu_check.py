@@ -47,10 +47,10 @@ from openrlhf_cropi.core.gradients import (  # noqa: E402
 )
 from openrlhf_cropi.core.projection import DENSE_MAX_ENTRIES, SparseProjector  # noqa: E402
 
+from memory import SHAPES as REAL_SHAPES  # noqa: E402  (the real configs, written out once there)
+
 SHAPES = {
-    "qwen2.5-1.5b": dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                         num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True, rope_theta=1e6,
-                         rms_norm_eps=1e-6, max_position_embeddings=32768),
+    "qwen2.5-1.5b": {k: v for k, v in REAL_SHAPES["qwen2.5-1.5b"].items() if k != "arch"},
     "tiny": dict(vocab_size=4096, hidden_size=128, intermediate_size=344, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, tie_word_embeddings=True, max_position_embeddings=4096),
 }  # fmt: skip
