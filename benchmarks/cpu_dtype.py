@@ -4,8 +4,8 @@
 
 Times, side by side in one run, in bfloat16 and in float32:
 1. a 5120x128 @ 128x384 matmul forward+backward;
-2. a forward+backward of the demo's base model (hidden 128, 4 layers) on 64 x 80 tokens;
-3. OpenRLHF's SFT trainer (`openrlhf.cli.train_sft`, as the demo's warm start runs it) on
+2. a forward+backward of a tiny model (hidden 128, 4 layers) on 64 x 80 tokens;
+3. OpenRLHF's SFT trainer (`openrlhf.cli.train_sft`, single CPU process over gloo) on
    --sft-examples rows of the demo's SFT data, one epoch at batch 64: wall time including
    the trainer's start-up, and the per-step time from the difference of two sizes.
 and prints the bf16/fp32 ratios with the CPU capability. CPUs without native bf16 (AVX2 only)
@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -58,13 +60,28 @@ def model_step(model_dir: str, dtype: torch.dtype):
     return step
 
 
-def sft_seconds(base: Path, data: Path, out: Path, param_dtype: str) -> float:
-    from openrlhf_cropi.demo.warm_start import sft
+# The shape the demo's warm start had when the table in benchmarks/README.md was measured.
+SHAPE = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+             intermediate_size=384, max_position_embeddings=256)  # fmt: skip
 
+
+def sft_seconds(base: Path, data: Path, out: Path, param_dtype: str) -> float:
+    """Wall seconds of `python -m openrlhf.cli.train_sft`, one epoch, one process (DeepSpeed over gloo)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     # DeepSpeed's JIT-built CPU Adam, where launch/local/cpu_env.sh keeps it (built once per venv).
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+    env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port), "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", f"{sys.prefix}/torch_extensions")}  # fmt: skip
+    cmd = [
+        sys.executable, "-m", "openrlhf.cli.train_sft", "--model.model_name_or_path", str(base), "--data.dataset", str(data),
+        "--data.input_key", "prompt", "--data.output_key", "response", "--data.apply_chat_template",
+        "--data.max_len", "80", "--train.batch_size", "64", "--train.micro_batch_size", "64", "--train.max_epochs", "1",
+        "--train.seed", "0", "--adam.lr", "3e-3", "--ds.zero_stage", "2", "--ds.param_dtype", param_dtype,
+        "--ds.attn_implementation", "eager", "--ckpt.output_dir", str(out),
+    ]  # fmt: skip
     t0 = time.perf_counter()
-    sft(base, data, out, epochs=1, seed=0, param_dtype=param_dtype)
+    subprocess.run(cmd, env=env, check=True)
     return time.perf_counter() - t0
 
 
@@ -74,13 +91,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sft-examples", type=int, default=640, help="rows of the large SFT run (the small one: half)")
     args = parser.parse_args(argv)
 
-    from openrlhf_cropi.demo.tasks import build_suite, read_jsonl
-    from openrlhf_cropi.demo.warm_start import MODEL_SHAPE
+    from openrlhf_cropi.demo.tasks import build_suite
     from openrlhf_cropi.tiny_model import build_tiny_model
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        model_dir = build_tiny_model(tmp / "base", **MODEL_SHAPE)
+        model_dir = build_tiny_model(tmp / "base", **SHAPE)
         results = []
         for name, make in {"matmul 5120x128 @ 128x384 fwd+bwd": matmul_step,
                            "base model fwd+bwd, 64 x 80 tokens": lambda dt: model_step(str(model_dir), dt)}.items():  # fmt: skip

@@ -1,6 +1,6 @@
 """What CROPI's phase-0 selection sees on the demo: sketched vs exact influence, and by family.
 
-    python benchmarks/demo_selection.py [--run runs/demo] [--cache runs/demo-cache]
+    python benchmarks/demo_selection.py [--run runs/demo/influence] [--cache runs/demo-cache] [--targets add linear]
 
 Scores the demo run's stored behavior rollouts at the warm-started model twice with the offline
 `cropi score` (the same core code as the job): once with the demo's sketch (sjlt, keep 0.1,
@@ -23,7 +23,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from openrlhf_cropi.demo.tasks import FAMILIES, TARGETED, read_jsonl  # noqa: E402
+from openrlhf_cropi.demo.tasks import DEFAULT_TARGETS, FAMILIES, parse_targets, read_jsonl  # noqa: E402
+from openrlhf_cropi.demo.warm_start import WARM_START  # noqa: E402
 
 SETTINGS = {
     "exact": ["--projector", "identity", "--keep-ratio", "1.0"],  # + --proj-dim <all parameters>
@@ -31,11 +32,12 @@ SETTINGS = {
 }
 
 
-def score(run: Path, model: Path, extra: list[str], out: Path) -> dict[int, list[float]]:
+def score(run: Path, model: Path, val_sets: int, extra: list[str], out: Path) -> dict[int, list[float]]:
     if not out.exists():
         store = run / "ckpt/cropi/rollouts"
+        vals = [arg for v in range(val_sets) for arg in ("--val", str(store / f"val{v}"))]
         cmd = [sys.executable, "-m", "openrlhf_cropi.cli.cropi", "score", "--model", str(model),
-               "--train", str(store / "pool"), "--val", str(store / "val0"), "--val", str(store / "val1"),
+               "--train", str(store / "pool"), *vals,
                "--val-cap", "0", "--seed", "0", "--out", str(out), *extra]  # fmt: skip
         subprocess.run(cmd, check=True)
     prompts = json.loads(out.read_text())["prompts"]
@@ -49,35 +51,37 @@ def top(cosines: dict[int, list[float]], k: int) -> list[int]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", type=Path, default=ROOT / "runs/demo")
+    parser.add_argument("--run", type=Path, default=ROOT / "runs/demo/influence", help="a demo arm's run directory")
     parser.add_argument("--cache", type=Path, default=ROOT / "runs/demo-cache")
+    parser.add_argument("--targets", nargs="+", default=list(DEFAULT_TARGETS), help="the run's targets, in order")
     args = parser.parse_args(argv)
+    targets = parse_targets(args.targets)
     pool = read_jsonl(args.cache / "suite/pool.jsonl")
     k = len(pool) // 10
-    model = args.cache / "warm_start"
+    model = WARM_START
     from transformers import AutoModelForCausalLM
 
     total = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(model).parameters())
     SETTINGS["exact"] += ["--proj-dim", str(total)]
-    results = {name: score(args.run, model, extra, args.run / f"scores-{n}.json")
+    results = {name: score(args.run, model, len(targets), extra, args.run / f"scores-{n}.json")
                for n, (name, extra) in enumerate(SETTINGS.items())}  # fmt: skip
     exact = results["exact"]
     exact_top = set(top(exact, k))
     print(f"{len(exact)} pool prompts with reward variance scored; top {k} (10% of the pool) by mean cosine")
     for name, cosines in results.items():
         chosen = top(cosines, k)
-        share = sum(pool[i]["family"] in TARGETED for i in chosen) / k
+        share = sum(pool[i]["family"] in targets for i in chosen) / k
         print(f"{name:>40s}: overlap with exact top {len(exact_top & set(chosen)) / k:.0%}, targeted share {share:.0%}")
-    print(f"targeted share among all scored prompts: {sum(pool[i]['family'] in TARGETED for i in exact) / len(exact):.0%}")
+    print(f"targeted share among all scored prompts: {sum(pool[i]['family'] in targets for i in exact) / len(exact):.0%}")
     by_family = defaultdict(list)
     for i, c in exact.items():
         by_family[pool[i]["family"]].append(c)
-    print("exact mean cosine by pool family (val0 = add, val1 = linear):")
+    print(f"exact mean cosine by pool family with each validation set ({', '.join(targets)}):")
     for family in FAMILIES:
         rows = by_family.get(family, [])
         if rows:
-            means = [statistics.mean(r[v] for r in rows) for v in range(2)]
-            print(f"  {family:>8s} ({len(rows):3d} prompts): {means[0]:+.4f} {means[1]:+.4f}")
+            means = [statistics.mean(r[v] for r in rows) for v in range(len(targets))]
+            print(f"  {family:>8s} ({len(rows):3d} prompts): " + " ".join(f"{m:+.4f}" for m in means))
 
 
 if __name__ == "__main__":

@@ -1,23 +1,29 @@
-"""Read a CROPI run (TensorBoard scalars + phase records) and write its report.
+"""Read CROPI demo runs (TensorBoard scalars + phase records) and write their comparison report.
 
-    python -m openrlhf_cropi.demo.report RUN_DIR --suite SUITE_DIR [--out RUN_DIR]
+    python -m openrlhf_cropi.demo.report OUT --suite SUITE_DIR [--targets add linear]
 
-RUN_DIR is what launch/local/demo.sh writes: tensorboard/ (OpenRLHF's logger) and
+OUT holds one run directory per arm, as launch/local/demo.sh writes them: OUT/influence (CROPI 10%)
+and OUT/random (random 10%), each with tensorboard/ (OpenRLHF's logger) and
 ckpt/cropi/phases/phase-NNN.json (the selection of each phase, as pool row indices). The pool's
-rows in SUITE_DIR/pool.jsonl give each selected prompt its family. Writes report.md,
-accuracy.png (test accuracy vs step) and subsets.png (subset composition per phase), and
-prints the per-phase table.
+rows in SUITE_DIR/pool.jsonl give each selected prompt its family; the targets are the families
+whose validation sets the runs gave CROPI. Writes OUT/report.md, accuracy.png (test accuracy vs
+step, targeted and untargeted families) and subsets.png (subset family mix per phase), and prints
+the comparison.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import statistics
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from openrlhf_cropi.demo.tasks import FAMILIES, TARGETED, read_jsonl
+from openrlhf_cropi.demo.tasks import DEFAULT_TARGETS, FAMILIES, parse_targets, read_jsonl
+
+ARMS = {"CROPI 10%": "influence", "random 10%": "random"}  # the demo's arms: name -> run directory under OUT
 
 
 @dataclass
@@ -27,10 +33,10 @@ class Run:
     scalars: dict[str, dict[int, float]]
     phases: list[dict] = field(default_factory=list)
 
-    def accuracy(self, group: str) -> dict[int, float]:
-        """Mean test pass@1 over the families of `group` ("targeted" or "untargeted"), by step."""
-        tags = [t for t in self.scalars if t.startswith(f"eval/eval_{group}_") and t.endswith("_pass1")]
-        if not tags:
+    def accuracy(self, families: tuple[str, ...]) -> dict[int, float]:
+        """Mean test pass@1 over `families` (the test set's datasources), by step."""
+        tags = [f"eval/eval_{family}_pass1" for family in families]
+        if not all(t in self.scalars for t in tags):
             return {}
         steps = sorted(set.intersection(*(set(self.scalars[t]) for t in tags)))
         return {s: sum(self.scalars[t][s] for t in tags) / len(tags) for s in steps}
@@ -86,9 +92,13 @@ def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
-def phase_table(run: Run, pool_rows: list[dict]) -> list[str]:
+def groups(targets: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
+    return {"targeted": targets, "untargeted": tuple(f for f in FAMILIES if f not in targets)}
+
+
+def phase_table(run: Run, pool_rows: list[dict], targets: tuple[str, ...]) -> list[str]:
     """Markdown rows: phase, subset by family, rollouts/selection/training seconds, accuracy at the phase's end."""
-    targeted, untargeted = run.accuracy("targeted"), run.accuracy("untargeted")
+    targeted, untargeted = (run.accuracy(f) for f in groups(targets).values())
     steps = run.phase_steps()
     head = "| phase | steps | subset by family | rollouts s | selection s | training s | targeted acc | untargeted acc |"
     lines = [head, "|---" * 8 + "|"]
@@ -105,97 +115,188 @@ def phase_table(run: Run, pool_rows: list[dict]) -> list[str]:
     return lines
 
 
-GROUPS = ("targeted", "untargeted")
+# Two-sided 95% Student-t quantiles by degrees of freedom (seeds - 1); 1.96 beyond the table.
+_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
-def plot_accuracy(curves: dict[str, dict[str, dict[int, float]]], out: Path) -> None:
-    """curves[name][group] = {step: accuracy}, one line per name in each group's panel."""
+def seed_curve(runs: list[Run], families: tuple[str, ...], answers: int) -> dict[int, tuple[float, float]]:
+    """{step: (mean accuracy over the runs, 95% half-width)} at the steps every run evaluated.
+
+    Over several runs (seeds) the interval is Student's t over them. A single run has no seed
+    spread: its interval is the evaluation's own sampling noise, binomial over the `answers`
+    graded at each point (test prompts of the families x samples per prompt; an upper bound).
+    """
+    curves = [r.accuracy(families) for r in runs]
+    steps = sorted(set.intersection(*(set(c) for c in curves)))
+    out = {}
+    for step in steps:
+        values = [c[step] for c in curves]
+        mean = statistics.mean(values)
+        if len(values) > 1:
+            half = _T95.get(len(values) - 1, 1.96) * statistics.stdev(values) / math.sqrt(len(values))
+        else:
+            half = 1.96 * math.sqrt(mean * (1 - mean) / answers)
+        out[step] = (mean, half)
+    return out
+
+
+def steps_to(curve: dict[int, tuple[float, float]], target: float) -> int | None:
+    """The first evaluated step whose mean accuracy reaches `target`."""
+    return next((s for s, (v, _) in sorted(curve.items()) if v >= target - 1e-9), None)
+
+
+def targeted_share(run: Run, pool_rows: list[dict], targets: tuple[str, ...]) -> float:
+    """Share of targeted-family prompts over all of the run's phase subsets."""
+    picked = [pool_rows[i]["family"] in targets for phase in run.phases for i in phase["selected"]]
+    return sum(picked) / max(len(picked), 1)
+
+
+def comparison(
+    results: dict[str, list[Run]], pool_rows: list[dict], targets: tuple[str, ...], reference: str, answers: dict[str, int]
+) -> tuple[list[str], dict[str, dict[str, dict[int, tuple[float, float]]]]]:
+    """The arms side by side: markdown lines and the curves they were computed from.
+
+    The target is the `reference` arm's best targeted accuracy (mean over its runs); an arm's
+    steps-to-target is its first evaluated step whose mean reaches it, its acceleration the
+    reference's steps over its own. `answers[group]` is what seed_curve needs for single runs.
+    """
+    curves = {name: {g: seed_curve(runs, fams, answers[g]) for g, fams in groups(targets).items()} for name, runs in results.items()}
+    ref = curves[reference]["targeted"]
+    target = max(v for v, _ in ref.values())
+    ref_steps = steps_to(ref, target)
+    pool_share = sum(r["family"] in targets for r in pool_rows) / len(pool_rows)
+    end = min(max(c["targeted"]) for c in curves.values())
+    lines = [
+        f"Targets: {', '.join(targets)} ({pool_share:.0%} of the pool). Target accuracy: {reference}'s best targeted "
+        f"test accuracy, {target:.3f}, first reached at step {ref_steps}. Accuracies: mean and 95% interval "
+        f"({'Student t over ' + str(len(results[reference])) + ' seeds' if len(results[reference]) > 1 else 'evaluation sampling noise, one seed'}).",
+        "",
+        f"| arm | steps to target | acceleration | targeted at step 0 | targeted at step {end} | untargeted at step {end} "
+        "| targeted share of subsets | behavior rollouts s | selection s / phase | training s / phase |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, runs in results.items():
+        steps = steps_to(curves[name]["targeted"], target)
+        if not ref_steps:
+            accel = f"n/a: {reference} never beat step 0"
+        elif steps is None:
+            accel = "not reached"
+        else:
+            accel = f"{ref_steps / max(steps, 1):.2f}x"
+        at = {"start": curves[name]["targeted"].get(0), **{g: curves[name][g].get(end) for g in ("targeted", "untargeted")}}
+        cell = {k: "-" if v is None else f"{v[0]:.3f} ± {v[1]:.3f}" for k, v in at.items()}
+        times = [t for r in runs for t in r.phase_times()]
+        # Runs that reuse a store's behavior rollouts log 0 s for them: report the generating run's.
+        rollouts = max((t["rollouts"] for t in times), default=0.0)
+        trained = [t["training"] for t in times if t["training"] > 0]
+        lines.append(
+            f"| {name} | {steps if steps is not None else '-'} | {accel} | {cell['start']} | {cell['targeted']} | "
+            f"{cell['untargeted']} | {statistics.mean(targeted_share(r, pool_rows, targets) for r in runs):.0%} | "
+            f"{rollouts:.0f} | {statistics.mean(t['selection'] for t in times):.1f} | "
+            f"{statistics.mean(trained) if trained else 0:.1f} |"
+        )
+    return lines, curves
+
+
+def plot_accuracy(curves: dict[str, dict[str, dict[int, tuple[float, float]]]], targets: tuple[str, ...], out: Path) -> None:
+    """curves[name][group] = {step: (mean, half-width)}: one line and band per name in each group's panel."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-    for ax, group in zip(axes, GROUPS):
+    for ax, (group, families) in zip(axes, groups(targets).items()):
         for name, by_group in curves.items():
-            acc = by_group[group]
-            ax.plot(list(acc), list(acc.values()), marker="o", label=name)
-        ax.set_title(f"{group} test accuracy (pass@1)")
+            steps = list(by_group[group])
+            mean = [v for v, _ in by_group[group].values()]
+            half = [h for _, h in by_group[group].values()]
+            ax.plot(steps, mean, marker="o", label=name)
+            ax.fill_between(steps, [m - h for m, h in zip(mean, half)], [m + h for m, h in zip(mean, half)], alpha=0.2)
+        ax.set_title(f"{group} test accuracy ({', '.join(families)})", fontsize=9)
         ax.set_xlabel("global step")
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("accuracy")
+    axes[0].set_ylabel("accuracy (pass@1, 95% band)")
     axes[0].legend()
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)
 
 
-def plot_subsets(run: Run, pool_rows: list[dict], out: Path) -> None:
+def plot_subsets(runs: dict[str, Run], pool_rows: list[dict], targets: tuple[str, ...], out: Path) -> None:
+    """One panel per arm: each phase's subset by family, targeted families hatched."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    bottom = [0] * len(run.phases)
-    labels = [str(r["phase"]) for r in run.phases]
+    fig, axes = plt.subplots(1, len(runs), figsize=(4 * len(runs) + 2, 4), sharey=True, squeeze=False)
     pool_mix = Counter(r["family"] for r in pool_rows)
-    for family in FAMILIES:
-        counts = [composition(r, pool_rows)[family] / max(len(r["selected"]), 1) for r in run.phases]
-        tag = f"{family} ({'targeted' if family in TARGETED else 'untargeted'}, pool {pool_mix[family] / len(pool_rows):.0%})"
-        ax.bar(labels, counts, bottom=bottom, label=tag)
-        bottom = [b + c for b, c in zip(bottom, counts)]
-    ax.set_xlabel("phase")
-    ax.set_ylabel("share of the phase's subset")
-    ax.set_title("Subset composition per phase")
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1, 0.5))
+    for ax, (name, run) in zip(axes[0], runs.items()):
+        bottom = [0.0] * len(run.phases)
+        labels = [str(r["phase"]) for r in run.phases]
+        for family in FAMILIES:
+            counts = [composition(r, pool_rows)[family] / max(len(r["selected"]), 1) for r in run.phases]
+            tag = f"{family} ({'targeted' if family in targets else 'untargeted'}, pool {pool_mix[family] / len(pool_rows):.0%})"
+            ax.bar(labels, counts, bottom=bottom, label=tag, hatch="//" if family in targets else None)
+            bottom = [b + c for b, c in zip(bottom, counts)]
+        ax.set_title(f"{name}: subset per phase", fontsize=9)
+        ax.set_xlabel("phase")
+    axes[0][0].set_ylabel("share of the phase's subset")
+    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1, 0.5))
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)
 
 
-def write_report(run_dir: Path, suite: Path, out: Path) -> Path:
-    run = load_run(run_dir)
+def graded_answers(suite: Path, targets: tuple[str, ...], samples: int) -> dict[str, int]:
+    """Answers graded per evaluation point in each group: its test prompts x samples per prompt."""
+    test = Counter(r["family"] for r in read_jsonl(suite / "test.jsonl"))
+    return {g: samples * sum(test[f] for f in fams) for g, fams in groups(targets).items()}
+
+
+def write_report(out: Path, suite: Path, targets: tuple[str, ...] = DEFAULT_TARGETS, eval_samples: int = 8) -> Path:
+    """The demo's report: its arms (ARMS, under `out`) compared, random 10% as the reference."""
+    runs = {name: load_run(out / sub) for name, sub in ARMS.items()}
     pool_rows = read_jsonl(suite / "pool.jsonl")
-    out.mkdir(parents=True, exist_ok=True)
-    table = phase_table(run, pool_rows)
-    plot_accuracy({run.phases[0]["selector"] if run.phases else "run": {g: run.accuracy(g) for g in GROUPS}}, out / "accuracy.png")
-    plot_subsets(run, pool_rows, out / "subsets.png")
-    selector = run.phases[0]["selector"] if run.phases else "?"
-    start = {g: run.accuracy(g).get(0) for g in GROUPS}
-    end_step = max(run.accuracy("targeted"), default=None)
-    end = {g: run.accuracy(g).get(end_step) for g in GROUPS}
+    lines, curves = comparison(
+        {n: [r] for n, r in runs.items()}, pool_rows, targets, "random 10%", graded_answers(suite, targets, eval_samples)
+    )
+    plot_accuracy(curves, targets, out / "accuracy.png")
+    plot_subsets(runs, pool_rows, targets, out / "subsets.png")
     text = [
-        f"# CROPI demo report ({selector} selector)",
+        "# CROPI demo report: CROPI 10% vs random 10%",
         "",
-        f"Run: `{run_dir}`. Targeted families (with validation sets): {', '.join(TARGETED)}; "
-        f"untargeted: {', '.join(f for f in FAMILIES if f not in TARGETED)}.",
+        f"Runs: `{out / ARMS['CROPI 10%']}` and `{out / ARMS['random 10%']}`: the same warm start, behavior rollouts, "
+        "seed and steps; only the phase subsets differ. Targeted families (their validation sets steer CROPI): "
+        f"{', '.join(targets)}; untargeted: {', '.join(groups(targets)['untargeted'])}.",
         "",
-        f"Test accuracy (pass@1): targeted {_fmt(start['targeted'])} -> {_fmt(end['targeted'])}, "
-        f"untargeted {_fmt(start['untargeted'])} -> {_fmt(end['untargeted'])} (step 0 -> {end_step}).",
-        "",
-        "Per phase: the subset CROPI trained on, the time spent on behavior rollouts (once, phase 0),",
-        "on selection (gradients + scoring) and on GRPO training, and test accuracy at the phase's last step.",
-        "",
-        *table,
+        *lines,
         "",
         "![test accuracy vs step](accuracy.png)",
         "",
-        "![subset composition per phase](subsets.png)",
+        "![subset family mix per phase](subsets.png)",
         "",
     ]
+    for name, run in runs.items():
+        text += [f"## {name}: per phase", "", *phase_table(run, pool_rows, targets), ""]
     (out / "report.md").write_text("\n".join(text))
-    print("\n".join(table))
+    print("\n".join(lines))
     return out / "report.md"
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("out", type=Path)
     parser.add_argument("--suite", type=Path, required=True)
-    parser.add_argument("--out", type=Path, help="default: RUN_DIR")
+    parser.add_argument("--targets", nargs="+", default=list(DEFAULT_TARGETS), metavar="FAMILY")
+    parser.add_argument("--eval-samples", type=int, default=8, help="the runs' --eval.n_samples_per_prompt")
     args = parser.parse_args(argv)
-    print(f"wrote {write_report(args.run_dir, args.suite, args.out or args.run_dir)}")
+    try:
+        targets = parse_targets(args.targets)
+    except ValueError as e:
+        parser.error(str(e))
+    print(f"wrote {write_report(args.out, args.suite, targets, args.eval_samples)}")
 
 
 if __name__ == "__main__":

@@ -4,12 +4,13 @@
 
 writes, every row {"prompt", "label", "family", "difficulty", "datasource"}:
     pool.jsonl            the RL prompt pool: every family at every difficulty, shuffled
-    val_<family>.jsonl    one validation set per TARGETED family (CROPI's --cropi.val_datasets)
-    test.jsonl            held-out test prompts; datasource "targeted_<family>" or "untargeted_<family>"
+    val_<family>.jsonl    one validation set per family
+    test.jsonl            held-out test prompts; datasource = the family
     sft.jsonl             warm-start pairs {"prompt", "response"} (response = the answer)
-Targeted families have validation sets; untargeted ones appear only in the pool and the test
-set. The answer is a bare integer, so a response is checked by exact match (reward.py).
-No prompt appears in two files.
+A run's targets are the families whose validation sets it gives CROPI (--cropi.val_datasets);
+the others appear only in its pool and test set. The files do not depend on the targets, so one
+suite and one warm start serve every choice of them. The answer is a bare integer, so a
+response is checked by exact match (reward.py). No prompt appears in two files.
 """
 
 from __future__ import annotations
@@ -18,12 +19,21 @@ import argparse
 import json
 import random
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 DIFFICULTIES = (1, 2, 3)
-TARGETED = ("add", "linear")
-UNTARGETED = ("sub", "mul", "compare", "mod", "word")
-FAMILIES = TARGETED + UNTARGETED
+FAMILIES = ("add", "linear", "sub", "mul", "compare", "mod", "word")
+DEFAULT_TARGETS = ("add", "linear")
+
+
+def parse_targets(names: Sequence[str], flag: str = "--targets") -> tuple[str, ...]:
+    """Validated target families: distinct, known, and not all of them (nothing would be untargeted)."""
+    targets = tuple(dict.fromkeys(names))
+    unknown = [n for n in targets if n not in FAMILIES]
+    if unknown or not targets or len(targets) == len(FAMILIES):
+        raise ValueError(f"{flag} {' '.join(names)}: give 1 to {len(FAMILIES) - 1} of the families {', '.join(FAMILIES)}"
+                         + (f" (unknown: {', '.join(unknown)})" if unknown else ""))  # fmt: skip
+    return targets
 
 
 def _number(rng: random.Random, digits: int) -> int:
@@ -36,8 +46,8 @@ def _add(rng, d):
 
 
 def _sub(rng, d):
-    a, b = sorted((_number(rng, d), _number(rng, d)), reverse=True)
-    return f"What is {a} - {b}?", a - b
+    b, difference = _number(rng, d), _number(rng, d)  # the inverse of an addition: 100 problems at d = 1
+    return f"What is {b + difference} - {b}?", difference
 
 
 def _mul(rng, d):
@@ -108,13 +118,9 @@ def build_suite(out: Path, seed: int = 0, pool: int = 640, val: int = 48, test: 
     seen: set[str] = set()
     # Evaluation data first, so the pool and the SFT data can never contain an evaluation prompt.
     files: dict[str, list[dict]] = {}
-    for family in TARGETED:
+    for family in FAMILIES:
         files[f"val_{family}.jsonl"] = _rows(rng, family, val, seen, f"val_{family}")
-    files["test.jsonl"] = [
-        row
-        for family in FAMILIES
-        for row in _rows(rng, family, test, seen, f"{'targeted' if family in TARGETED else 'untargeted'}_{family}")
-    ]
+    files["test.jsonl"] = [row for family in FAMILIES for row in _rows(rng, family, test, seen, family)]
     held_out = set(seen)
     per_family = -(-pool // len(FAMILIES))
     pool_rows = [row for family in FAMILIES for row in _rows(rng, family, per_family, seen, "pool")][:pool]
@@ -141,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--pool", type=int, default=640)
-    parser.add_argument("--val", type=int, default=48, help="prompts per targeted validation set")
+    parser.add_argument("--val", type=int, default=48, help="prompts per validation set (one per family)")
     parser.add_argument("--test", type=int, default=48, help="test prompts per family")
     parser.add_argument("--sft", type=int, default=24000)
     args = parser.parse_args(argv)

@@ -4,7 +4,9 @@ import re
 
 import pytest
 
-from openrlhf_cropi.demo.tasks import DIFFICULTIES, FAMILIES, TARGETED, UNTARGETED, build_suite, read_jsonl
+from openrlhf_cropi.demo.tasks import DEFAULT_TARGETS, DIFFICULTIES, FAMILIES, build_suite, parse_targets, read_jsonl
+
+VAL_FILES = tuple(f"val_{f}.jsonl" for f in FAMILIES)
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +34,7 @@ def _solve(prompt: str) -> int:
 
 
 def test_every_label_is_the_answer(suite):
-    for name in ("pool.jsonl", "test.jsonl", "val_add.jsonl", "val_linear.jsonl"):
+    for name in ("pool.jsonl", "test.jsonl", *VAL_FILES):
         for row in read_jsonl(suite / name):
             assert int(row["label"]) == _solve(row["prompt"]), row
             assert int(row["label"]) >= 0
@@ -44,16 +46,18 @@ def test_files_sizes_and_families(suite):
     pool = read_jsonl(suite / "pool.jsonl")
     assert len(pool) == 140
     assert {(r["family"], r["difficulty"]) for r in pool} == {(f, d) for f in FAMILIES for d in DIFFICULTIES}
-    assert [sorted({r["family"] for r in read_jsonl(suite / f"val_{f}.jsonl")}) for f in TARGETED] == [[f] for f in TARGETED]
+    # A validation set per family, so any targets can be chosen without changing the suite.
+    assert [sorted({r["family"] for r in read_jsonl(suite / f"val_{f}.jsonl")}) for f in FAMILIES] == [[f] for f in FAMILIES]
+    assert all(len(read_jsonl(suite / name)) == 12 for name in VAL_FILES)
     test = read_jsonl(suite / "test.jsonl")
     assert len(test) == 9 * len(FAMILIES)
-    sources = {r["datasource"] for r in test}
-    assert sources == {f"targeted_{f}" for f in TARGETED} | {f"untargeted_{f}" for f in UNTARGETED}
+    # The datasource (OpenRLHF's eval tag) is the family: the report groups families by targets.
+    assert all(r["datasource"] == r["family"] for r in test) and {r["family"] for r in test} == set(FAMILIES)
     assert len(read_jsonl(suite / "sft.jsonl")) == 700
 
 
 def test_evaluation_prompts_never_appear_in_training_data(suite):
-    held_out = {r["prompt"] for name in ("test.jsonl", "val_add.jsonl", "val_linear.jsonl") for r in read_jsonl(suite / name)}
+    held_out = {r["prompt"] for name in ("test.jsonl", *VAL_FILES) for r in read_jsonl(suite / name)}
     training = {r["prompt"] for name in ("pool.jsonl", "sft.jsonl") for r in read_jsonl(suite / name)}
     assert not held_out & training
     pool = [r["prompt"] for r in read_jsonl(suite / "pool.jsonl")]
@@ -70,3 +74,12 @@ def test_seeded(tmp_path, suite):
 def test_too_many_distinct_problems_asked_for_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="distinct problems"):
         build_suite(tmp_path, seed=0, pool=10, val=2000, test=1, sft=10)
+
+
+def test_targets_are_validated_with_the_flag_named():
+    assert parse_targets(["mul", "compare", "mul"]) == ("mul", "compare")
+    assert parse_targets(list(DEFAULT_TARGETS)) == DEFAULT_TARGETS
+    for bad, match in [(["add", "division"], "unknown: division"), ([], "give 1 to 6"), (list(FAMILIES), "give 1 to 6")]:
+        with pytest.raises(ValueError, match=match) as err:
+            parse_targets(bad)
+        assert str(err.value).startswith("--targets")

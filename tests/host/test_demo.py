@@ -1,6 +1,6 @@
-"""launch/local/demo.sh end to end, at a small size: suite, SFT warm start with OpenRLHF's SFT
-trainer, CROPI GRPO on the CPU stack, report with plots. The full-size run is the README's
-main command; its numbers are in benchmarks/README.md."""
+"""launch/local/demo.sh end to end, at a small size: the suite, the shipped warm start, CROPI 10%
+and random 10% GRPO arms on the CPU stack, the comparison report with plots. The full-size run
+is the README's main command; its numbers are in benchmarks/README.md."""
 
 import json
 import os
@@ -9,8 +9,6 @@ import subprocess
 import sys
 
 import pytest
-
-from openrlhf_cropi.demo.tasks import FAMILIES
 
 pytestmark = [pytest.mark.host, pytest.mark.e2e]
 
@@ -21,8 +19,7 @@ def test_demo_small(cpu_env, tmp_path):
     env = {
         **os.environ,
         "VIRTUAL_ENV": sys.prefix,  # the environment is there: demo.sh skips its setup step
-        "DEMO_CACHE": str(tmp_path / "cache"),
-        "DEMO_SFT_EXAMPLES": "3000", "DEMO_SFT_EPOCHS": "1",
+        "DEMO_CACHE": str(tmp_path / "cache"), "DEMO_TARGETS": "mul compare",
         "DEMO_PHASES": "2", "DEMO_STEPS_PER_PHASE": "2",
     }  # fmt: skip
     run = subprocess.run(
@@ -30,27 +27,31 @@ def test_demo_small(cpu_env, tmp_path):
         env=env, capture_output=True, text=True, timeout=1500,
     )  # fmt: skip
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
-
-    cache, out = tmp_path / "cache", tmp_path / "run"
-    for part in ("suite", "base", "warm_start"):
-        assert (cache / part / "DONE").exists()
-    # The warm start was checked: spread pass rates on the pool.
-    rates = json.loads((cache / "warm_start/pool_pass_rates.json").read_text())
-    assert 0 < rates["all"] < 1
-
-    # Two phases of 64 prompts (alpha 0.1 of the 640-prompt pool), all with reward variance.
-    phases = [json.loads((out / f"ckpt/cropi/phases/phase-{p:03d}.json").read_text()) for p in (0, 1)]
-    assert [len(p["selected"]) for p in phases] == [64, 64]
-    # The printed table: one row per phase, test accuracy at each phase's last step.
-    rows = [line for line in run.stdout.splitlines() if line.startswith("| 0 |") or line.startswith("| 1 |")]
-    assert len(rows) == 2 and all(any(f in row for f in FAMILIES) for row in rows), run.stdout[-2000:]
-    assert rows[0].split(" | ")[1] == "1-2" and rows[1].split(" | ")[1] == "3-4"
-    assert "-" not in (rows[0].split(" | ")[-2], rows[1].split(" | ")[-2]), rows
-    # The job evaluated the initial policy (step 0) and then every 2 steps.
+    out = tmp_path / "run"
     from openrlhf_cropi.demo.report import load_run
 
-    assert sorted(load_run(out).accuracy("targeted")) == [0, 2, 4]
+    phases = {}
+    for arm in ("influence", "random"):
+        assert (out / arm / "DONE").exists()
+        # Two phases of 64 prompts (alpha 0.1 of the 640-prompt pool); the job evaluated the
+        # initial policy (step 0) and then every 2 steps, per family.
+        phases[arm] = [json.loads((out / arm / f"ckpt/cropi/phases/phase-{p:03d}.json").read_text()) for p in (0, 1)]
+        assert [len(p["selected"]) for p in phases[arm]] == [64, 64]
+        assert sorted(load_run(out / arm).accuracy(("mul", "compare"))) == [0, 2, 4]
+    # The same behavior rollouts (made once, by the first arm), different subsets.
+    store = "ckpt/cropi/rollouts/pool"
+    first, second = (sorted((out / arm / store).rglob("*")) for arm in ("influence", "random"))
+    assert [p.relative_to(out / "influence") for p in first] == [p.relative_to(out / "random") for p in second]
+    assert all(a.read_bytes() == b.read_bytes() for a, b in zip(first, second) if a.is_file())
+    assert phases["influence"][0]["selected"] != phases["random"][0]["selected"]
+    # The validation sets were the targets' (DEMO_TARGETS).
+    assert len(list((out / "influence/ckpt/cropi/rollouts").glob("val*"))) == 2
+
     report = (out / "report.md").read_text()
-    assert "Test accuracy (pass@1): targeted" in report
+    assert "Targets: mul, compare" in report and "| CROPI 10% |" in report and "| random 10% |" in report
     for png in ("accuracy.png", "subsets.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Resumable: a rerun keeps both arms and only rewrites the report.
+    again = subprocess.run(["bash", str(ROOT / "launch/local/demo.sh"), str(out)], env=env, capture_output=True,
+                           text=True, timeout=600)  # fmt: skip
+    assert again.returncode == 0 and "== arm" not in again.stdout, again.stdout[-2000:] + again.stderr[-2000:]
