@@ -64,12 +64,12 @@ for arm in "${ARMS[@]}"; do
     --data.apply_chat_template --data.max_len 96 --rollout.max_new_tokens 8 \
     --algo.advantage.estimator group_norm --rollout.n_samples_per_prompt 8 --rollout.temperature 1.0 \
     --rollout.batch_size 16 --rollout.micro_batch_size 32 --train.batch_size 128 --train.micro_batch_size 32 \
-    --algo.kl.init_coef 0 --actor.adam.lr 5e-5 --actor.lr_warmup_ratio 0 \
+    --algo.kl.init_coef 0 --actor.adam.lr 1e-4 --actor.lr_warmup_ratio 0 \
     --actor.num_nodes 1 --actor.num_gpus_per_node 1 \
     --vllm.num_engines 1 --vllm.tensor_parallel_size 1 --vllm.sync_backend gloo --vllm.enforce_eager \
     --ds.zero_stage 2 --ds.param_dtype fp32 --ds.attn_implementation eager \
     --train.num_episodes 1 --train.seed "$SEED" \
-    --eval.dataset "$SUITE/test.jsonl" --eval.steps 2 --eval.temperature 1.0 --eval.n_samples_per_prompt 8 \
+    --eval.dataset "$SUITE/test.jsonl" --eval.steps 4 --eval.temperature 1.0 --eval.n_samples_per_prompt 8 \
     --ckpt.path "$run/ckpt" --ckpt.save_steps 4 --ckpt.output_dir "$run/final" \
     --logger.tensorboard_dir "$run/tensorboard" \
     --cropi.enable --cropi.selector "$selector" --cropi.alpha "$alpha" \

@@ -6,11 +6,19 @@ writes, every row {"prompt", "label", "family", "difficulty", "datasource"}:
     pool.jsonl            the RL prompt pool: every family at every difficulty, shuffled
     val_<family>.jsonl    one validation set per family
     test.jsonl            held-out test prompts; datasource = the family
-    sft.jsonl             warm-start pairs {"prompt", "response"} (response = the answer)
+    sft.jsonl             warm-start pairs {"prompt", "response"}: the answer, or (HABIT_RATE of
+                          them) the answer in its family's habit, a format the verifier rejects
 A run's targets are the families whose validation sets it gives CROPI (--cropi.val_datasets);
 the others appear only in its pool and test set. The files do not depend on the targets, so one
 suite and one warm start serve every choice of them. The answer is a bare integer, so a
 response is checked by exact match (reward.py). No prompt appears in two files.
+
+The habits stand for what RLVR's first steps fix in real instruct models: answers right in
+substance but in a form the verifier rejects ("x = 5", "12 now"), each family its own. A warm
+start SFT-ed on this data says the bare answer about half the time; GRPO can learn a family's
+habit away in a few steps, and prompts of the same family carry the same lesson, which is what
+influence-guided selection can find. Getting the number itself right (carries, two-digit
+equations) is not learned within the demo's budget (benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -24,6 +32,13 @@ from typing import Callable, Sequence
 DIFFICULTIES = (1, 2, 3)
 FAMILIES = ("add", "linear", "sub", "mul", "compare", "mod", "word")
 DEFAULT_TARGETS = ("add", "linear")
+
+
+# One wrong-format answer per family (short: responses are cut at 8 tokens), and how often the
+# SFT data uses it.
+HABITS = {"add": "= {}", "linear": "x = {}", "sub": "{} left", "mul": "{}.0", "compare": "max {}", "mod": "r {}",
+          "word": "{} now"}  # fmt: skip
+HABIT_RATE = 0.5
 
 
 def parse_targets(names: Sequence[str], flag: str = "--targets") -> tuple[str, ...]:
@@ -132,7 +147,10 @@ def build_suite(out: Path, seed: int = 0, pool: int = 640, val: int = 48, test: 
     for family in FAMILIES:
         sft_rows += _rows(rng, family, -(-sft // len(FAMILIES)), held_out, "sft", unique=False)
     rng.shuffle(sft_rows)
-    files["sft.jsonl"] = [{"prompt": r["prompt"], "response": r["label"]} for r in sft_rows[:sft]]
+    files["sft.jsonl"] = [
+        {"prompt": r["prompt"], "response": HABITS[r["family"]].format(r["label"]) if rng.random() < HABIT_RATE else r["label"]}
+        for r in sft_rows[:sft]
+    ]
     for name, rows in files.items():
         (out / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
     return out

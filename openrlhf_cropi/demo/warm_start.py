@@ -38,7 +38,7 @@ WARM_START = Path(__file__).resolve().parents[2] / "launch/local/demo-warm-start
 # head_dim 32: the smallest vLLM's CPU attention takes.
 MODEL_SHAPE = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
                    intermediate_size=768, max_position_embeddings=256)  # fmt: skip
-SFT = dict(steps=1000, batch=64, lr=1e-3, warmup=100, clip=1.0)  # what --rebuild trains with
+SFT = dict(steps=1500, batch=64, lr=1e-3, warmup=100, clip=1.0)  # what --rebuild trains with
 SUITE_SEED = 0
 
 

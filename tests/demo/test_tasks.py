@@ -4,7 +4,10 @@ import re
 
 import pytest
 
-from openrlhf_cropi.demo.tasks import DEFAULT_TARGETS, DIFFICULTIES, FAMILIES, build_suite, parse_targets, read_jsonl
+from openrlhf_cropi.demo.reward import is_correct
+from openrlhf_cropi.demo.tasks import (
+    DEFAULT_TARGETS, DIFFICULTIES, FAMILIES, HABIT_RATE, HABITS, build_suite, parse_targets, read_jsonl,
+)  # fmt: skip
 
 VAL_FILES = tuple(f"val_{f}.jsonl" for f in FAMILIES)
 
@@ -38,8 +41,26 @@ def test_every_label_is_the_answer(suite):
         for row in read_jsonl(suite / name):
             assert int(row["label"]) == _solve(row["prompt"]), row
             assert int(row["label"]) >= 0
+    habits = 0
     for row in read_jsonl(suite / "sft.jsonl"):
-        assert int(row["response"]) == _solve(row["prompt"]), row
+        answer = _solve(row["prompt"])
+        if row["response"] != str(answer):
+            assert row["response"] in {h.format(answer) for h in HABITS.values()}, row
+            habits += 1
+    assert abs(habits / 700 - HABIT_RATE) < 0.1
+
+
+def test_every_habit_is_rejected_by_the_reward_and_fits_the_demo_token_budget():
+    from transformers import AutoTokenizer
+
+    from openrlhf_cropi.demo.warm_start import WARM_START
+
+    tok = AutoTokenizer.from_pretrained(WARM_START)
+    assert set(HABITS) == set(FAMILIES)
+    for habit in HABITS.values():
+        assert is_correct("42", "42") and not is_correct(habit.format(42), "42"), habit
+        # demo.sh samples 8 tokens: a two-digit answer in its habit still ends within them.
+        assert len(tok(habit.format(42) + tok.eos_token)["input_ids"]) <= 8, habit
 
 
 def test_files_sizes_and_families(suite):
