@@ -1,15 +1,14 @@
 """Does GRPO raise targeted accuracy on the demo's warm start, at what learning rate, and would
 a perfect selection of the targeted families' prompts beat drawing from the whole pool?
 
-    python benchmarks/grpo_probe.py --lr 1e-4 [--steps 16] [--only-targets] [--variance-only]
-                                    [--targets add linear] [--threads 2] [--eval-every 4]
+    python benchmarks/grpo_probe.py --lr 1e-4 [--steps 16] [--only-targets] [--targets add linear]
+                                    [--threads 2] [--eval-every 4]
 
 A plain PyTorch GRPO loop (NOT the product pipeline: no OpenRLHF, vLLM or DeepSpeed), about 4
 minutes per 16-step run here, for scanning what the real pipeline (15+ minutes a run) should use:
 each step samples 8 answers (temperature 1, 8 tokens) for 16 pool prompts drawn at random
-(full data) or, with --variance-only, the first 16 of 48 drawn prompts whose 8 answers have
-reward variance (what a learnability or influence subset trains on); --only-targets draws from
-the targeted families' pool prompts only (an oracle selection by family). Advantages normalised
+(full data), or with --only-targets from the targeted families' pool prompts only (an oracle
+selection by family). Advantages normalised
 per group (OpenRLHF's group_norm), on-policy policy-gradient loss averaged over response tokens
 (EOS included), AdamW betas (0.9, 0.95) as OpenRLHF's actor, gradient clipping at 1.0.
 Prints test pass@1 (8 samples per prompt, the same sampling seed at every evaluation, so the
@@ -38,7 +37,6 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lr", type=float, required=True)
     parser.add_argument("--steps", type=int, default=16)
-    parser.add_argument("--variance-only", action="store_true")
     parser.add_argument("--only-targets", action="store_true", help="train on the targeted families' prompts only")
     parser.add_argument("--targets", nargs="+", default=list(DEFAULT_TARGETS))
     parser.add_argument("--threads", type=int, default=2)
@@ -91,18 +89,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"lr {args.lr} step 0 {evaluate()}", flush=True)
     for step in range(1, args.steps + 1):
         model.eval()
-        if args.variance_only:
-            drawn = rng.sample(pool, 48)
-            enc, gen = sample(drawn, 8)
-            r = rewards(drawn, enc, gen)
-            keep = [i for i in range(48) if 0 < r[i].mean() < 1][:16]
-            keep += [i for i in range(48) if i not in keep][: 16 - len(keep)]
-            rows = [drawn[i] for i in keep]
-            gen = gen[torch.tensor([i * 8 + k for i in keep for k in range(8)])]
-            enc = {key: value[torch.tensor(keep)] for key, value in enc.items()}
-        else:
-            rows = rng.sample(pool, 16)
-            enc, gen = sample(rows, 8)
+        rows = rng.sample(pool, 16)
+        enc, gen = sample(rows, 8)
         model.train()
         r = rewards(rows, enc, gen)
         advantages = ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-9)).view(-1)
