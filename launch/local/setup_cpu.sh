@@ -67,4 +67,13 @@ EOF
 site=$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 cp "$ROOT/launch/local/cpu_stubs/flash_attn_2_cuda.py" "$site/"
 bash "$ROOT/patches/apply.sh"
+# DeepSpeed JIT-builds its CPU Adam and shared-memory collectives on first use (about 3 minutes
+# on 2 cores, otherwise spent inside whichever job runs first); built here, once per venv.
+ops=$TORCH_EXTENSIONS_DIR
+if [ ! -f "$ops/fused_adam/fused_adam.so" ] || [ ! -f "$ops/deepspeed_shm_comm/deepspeed_shm_comm.so" ]; then
+  log "building DeepSpeed's CPU ops in $ops (about 3 minutes)"
+  python -c 'from deepspeed.ops.op_builder.cpu import FusedAdamBuilder as A, ShareMemCommBuilder as C
+A().load(verbose=False); C().load(verbose=False)' 2>&1 | grep -v -i warn >&2 || true
+  [ -f "$ops/fused_adam/fused_adam.so" ] || die "DeepSpeed's CPU Adam did not build (see above)"
+fi
 log "ready: . $VENV/bin/activate"

@@ -25,6 +25,9 @@ Every chunk is a ``torch.save`` dict readable with ``torch.load(weights_only=Tru
     "zero_gradient"     bool [P]      rewards vary but the gradient is 0 at every theta
                                       (``advantages.zero_gradient``), kept so that selection
                                       never reads tokens
+    "sampling_logprobs" float32 [T]   optional, T = len(response_tokens): the engine's own
+                                      log-probs of the sampled tokens (a check on log beta);
+                                      present when every prompt of the chunk has them
 
 Behavior chunk::
 
@@ -67,6 +70,7 @@ _BEHAVIOR = re.compile(r"^behavior-(\d+)\.pt$")
 _ROLLOUT_KEYS = {"version", "index", "text", "label", "row", "prompt_offsets", "prompt_tokens", "num_responses",
                  "response_offsets", "response_tokens", "rewards", "zero_gradient"}  # fmt: skip
 _BEHAVIOR_KEYS = {"version", "index", "offsets", "logprobs"}
+_SAMPLING = "sampling_logprobs"  # the one optional key (of rollout chunks)
 
 
 class StoreError(ValueError):
@@ -83,8 +87,9 @@ def _float(x: Any) -> torch.Tensor:
 
 @dataclass
 class PromptRollouts:
-    """One prompt with its K responses; ``behavior_logprobs`` None where not teacher-forced.
-    Lists are converted to tensors; lengths are validated."""
+    """One prompt with its K responses; ``behavior_logprobs`` None where not teacher-forced,
+    ``sampling_logprobs`` (what the engine reported for the tokens it sampled) None where not
+    recorded. Lists are converted to tensors; lengths are validated."""
 
     index: int
     text: str
@@ -94,6 +99,7 @@ class PromptRollouts:
     responses: list[torch.Tensor]
     rewards: torch.Tensor
     behavior_logprobs: list[torch.Tensor] | None = field(default=None, repr=False)
+    sampling_logprobs: list[torch.Tensor] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.prompt_ids = _long(self.prompt_ids)
@@ -114,21 +120,26 @@ class PromptRollouts:
                 raise StoreError(f"{where}: response {j} is empty")
         if not torch.isfinite(self.rewards).all():
             raise StoreError(f"{where}: non-finite rewards")
+        lengths = [len(r) for r in self.responses]
         if self.behavior_logprobs is not None:
-            self.behavior_logprobs = _check_behavior(self.index, [len(r) for r in self.responses], self.behavior_logprobs)
+            self.behavior_logprobs = _check_behavior(self.index, lengths, self.behavior_logprobs)
+        if self.sampling_logprobs is not None:
+            self.sampling_logprobs = _check_behavior(self.index, lengths, self.sampling_logprobs, "sampling")
 
 
-def _check_behavior(index: int, lengths: Sequence[int], behavior: Sequence[Any]) -> list[torch.Tensor]:
+def _check_behavior(
+    index: int, lengths: Sequence[int], behavior: Sequence[Any], what: str = "behavior"
+) -> list[torch.Tensor]:
     where = f"prompt {index}"
     behavior = [_float(b) for b in behavior]
     if len(behavior) != len(lengths):
-        raise StoreError(f"{where}: {len(lengths)} responses, {len(behavior)} log-prob rows")
+        raise StoreError(f"{where}: {len(lengths)} responses, {len(behavior)} {what} log-prob rows")
     for j, (n, b) in enumerate(zip(lengths, behavior)):
         if len(b) != n:
-            raise StoreError(f"{where}: response {j} has {n} tokens but {len(b)} behavior log-probs")
+            raise StoreError(f"{where}: response {j} has {n} tokens but {len(b)} {what} log-probs")
     if not torch.isfinite(torch.cat(behavior)).all():
         bad = next(j for j, b in enumerate(behavior) if not torch.isfinite(b).all())
-        raise StoreError(f"{where}: response {bad} has non-finite behavior log-probs")
+        raise StoreError(f"{where}: response {bad} has non-finite {what} log-probs")
     return behavior
 
 
@@ -180,7 +191,7 @@ def _encode(records: Sequence[PromptRollouts]) -> dict:
     responses = [r for rec in records for r in rec.responses]
     prompt_lens = [len(rec.prompt_ids) for rec in records]
     response_lens = [len(r) for r in responses]
-    return {
+    chunk = {
         "version": VERSION,
         "index": _long([rec.index for rec in records]),
         "text": [rec.text for rec in records],
@@ -194,6 +205,9 @@ def _encode(records: Sequence[PromptRollouts]) -> dict:
         "rewards": torch.cat([rec.rewards for rec in records]),
         "zero_gradient": torch.tensor([zero_gradient(rec.responses, rec.rewards) for rec in records], dtype=torch.bool),
     }
+    if all(rec.sampling_logprobs is not None for rec in records):
+        chunk[_SAMPLING] = torch.cat([lp for rec in records for lp in rec.sampling_logprobs])
+    return chunk
 
 
 def _encode_behavior(behavior: Mapping[int, Sequence[torch.Tensor]]) -> dict:
@@ -210,7 +224,7 @@ def _check_chunk(c: Any, path: Path, keys: set) -> None:
     def bad(msg: str) -> StoreError:
         return StoreError(f"{path}: {msg}")
 
-    if not isinstance(c, dict) or set(c) != keys:
+    if not isinstance(c, dict) or set(c) - {_SAMPLING} != keys or (_SAMPLING in c and keys is _BEHAVIOR_KEYS):
         raise bad(f"not a version-{VERSION} chunk (keys {sorted(c) if isinstance(c, dict) else type(c)})")
     if c["version"] != VERSION:
         raise bad(f"chunk version {c['version']}, this code reads {VERSION}")
@@ -230,6 +244,8 @@ def _check_chunk(c: Any, path: Path, keys: set) -> None:
         raise bad("response offsets do not match response tokens")
     if len(c["rewards"]) != n_resp:
         raise bad("rewards do not match the responses")
+    if _SAMPLING in c and len(c[_SAMPLING]) != len(c["response_tokens"]):
+        raise bad("sampling log-probs do not match the response tokens")
 
 
 class RolloutStore:
@@ -420,6 +436,7 @@ def _decode_row(c: dict, row: int) -> PromptRollouts:
     k = int(c["num_responses"][row])
     bounds = _response_spans(c, row).tolist()
     spans = list(zip(bounds[:-1], bounds[1:]))
+    sampling = [c[_SAMPLING][a:b].clone() for a, b in spans] if _SAMPLING in c else None
     return PromptRollouts(
         index=int(c["index"][row]),
         text=c["text"][row],
@@ -428,6 +445,7 @@ def _decode_row(c: dict, row: int) -> PromptRollouts:
         prompt_ids=c["prompt_tokens"][int(po[row]) : int(po[row + 1])].long(),
         responses=[c["response_tokens"][a:b].long() for a, b in spans],
         rewards=c["rewards"][first : first + k].clone(),
+        sampling_logprobs=sampling,
     )
 
 

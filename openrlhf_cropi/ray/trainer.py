@@ -77,7 +77,7 @@ def behavior_record(
     SingleTurnAgentExecutor). A failed reward (None: the reward function raised, and OpenRLHF
     logged it in the engine) stops the job with an error naming the prompt, or, with
     ``skip_failed``, leaves that response out. It never becomes a reward of 0, which could fake
-    reward variance."""
+    reward variance. vLLM's log-probs of the sampled tokens are kept where it reported finite ones."""
     failed = [k for k, out in enumerate(outputs) if out["reward"] is None]
     if failed and (not skip_failed or len(failed) == len(outputs)):
         fix = "" if skip_failed else ", or pass --cropi.skip_failed_rewards to leave such responses out"
@@ -88,10 +88,15 @@ def behavior_record(
         )
     kept = [out for out in outputs if out["reward"] is not None]
     start = kept[0]["action_ranges"][0][0]
+    sampling = None
+    if all(out.get("rollout_log_probs") is not None for out in kept):
+        sampling = [torch.tensor(out["rollout_log_probs"][start:max_len], dtype=torch.float32) for out in kept]
+        sampling = sampling if all(torch.isfinite(lp).all() for lp in sampling) else None
     return PromptRollouts(
         index=index, text=text, label=label, row=row, prompt_ids=kept[0]["observation_tokens"][:start],
         responses=[out["observation_tokens"][start:max_len] for out in kept],
         rewards=[torch.as_tensor(out["reward"], dtype=torch.float64).item() for out in kept],
+        sampling_logprobs=sampling,
     )  # fmt: skip
 
 
@@ -254,6 +259,7 @@ class _CropiPPOTrainer(PPOTrainer.__ray_actor_class__):
             max_tokens=self.args.rollout.max_new_tokens,
             min_tokens=1,
             skip_special_tokens=False,
+            logprobs=0,  # the sampled token's own: a check on log beta (_teacher_force)
         )
         tokenizer = _TokenizerByName(self.args.actor.model_name_or_path, not self.args.data.disable_fast_tokenizer)
         chunk, max_len = self.cropi.behavior_chunk, self.args.data.max_len
@@ -299,9 +305,13 @@ class _CropiPPOTrainer(PPOTrainer.__ray_actor_class__):
     def _teacher_force(self, unforced: dict[str, list[int]]) -> None:
         """log beta, chunk by chunk on the policy ranks, at --rollout.temperature: the temperature of
         the policy's log-probs in training, so rho is exactly 1 at phase 0 whatever the behavior
-        temperature sampled at."""
+        temperature sampled at. Compared with the log-probs vLLM sampled with where both are of
+        the same distribution: vLLM reports raw log-probs (temperature 1) unless OpenRLHF's
+        importance-sampling correction asks for processed ones."""
         jobs = [(split, i) for split, indices in unforced.items() for i in indices]
         progress = _Progress("CROPI teacher forcing", len(jobs))
+        comparable = self.args.rollout.temperature == 1.0 and self.args.algo.advantage.is_correction_level == "off"
+        gap_max, gap_sum, gap_tokens = 0.0, 0.0, 0  # running: the pass's tokens are never all held
         for start in range(0, len(jobs), self.cropi.behavior_chunk):
             part = jobs[start : start + self.cropi.behavior_chunk]
             logprobs = self._on_actors(
@@ -310,7 +320,17 @@ class _CropiPPOTrainer(PPOTrainer.__ray_actor_class__):
             for split in unforced:
                 self._stores[split].append_behavior({i: lp for (s, i), lp in zip(part, logprobs) if s == split})
                 self._summaries[split].teacher_forced[[i for s, i in part if s == split]] = True
+            if comparable:
+                for (split, i), lp in zip(part, logprobs):
+                    sampled = self._stores[split].get(i).sampling_logprobs
+                    if sampled is not None:
+                        gap = (torch.cat(lp) - torch.cat(sampled)).abs()
+                        gap_max, gap_sum = max(gap_max, gap.max().item()), gap_sum + gap.sum().item()
+                        gap_tokens += len(gap)
             progress.update(len(part))
+        if gap_tokens:
+            logger.info(f"CROPI log beta (policy actors) vs the log-probs vLLM sampled with, {gap_tokens} tokens: "
+                        f"max |difference| {gap_max:.2e}, mean {gap_sum / gap_tokens:.2e}")  # fmt: skip
 
     def _report_behavior_pass(self) -> dict:
         """Log what the pass teacher-forced and what it saved; warn once about zero-gradient prompts."""

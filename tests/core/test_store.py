@@ -113,7 +113,7 @@ def test_record_validation_errors():
     fields = dict(index=0, text="t", label=None, row={}, prompt_ids=[1, 2])
     with pytest.raises(StoreError, match="3 responses, 2 rewards"):
         PromptRollouts(**fields, responses=ok.responses, rewards=[0.0, 1.0], behavior_logprobs=ok.behavior_logprobs)
-    with pytest.raises(StoreError, match="3 responses, 2 log-prob rows"):
+    with pytest.raises(StoreError, match="3 responses, 2 behavior log-prob rows"):
         PromptRollouts(**fields, responses=ok.responses, rewards=ok.rewards, behavior_logprobs=ok.behavior_logprobs[:2])
     with pytest.raises(StoreError, match="response 1 has"):
         bad = [ok.behavior_logprobs[0], torch.zeros(len(ok.responses[1]) + 1), ok.behavior_logprobs[2]]
@@ -122,6 +122,34 @@ def test_record_validation_errors():
         PromptRollouts(**fields, responses=[[]], rewards=[1.0], behavior_logprobs=[[]])
     with pytest.raises(StoreError, match="non-finite"):
         PromptRollouts(**fields, responses=[[1]], rewards=[float("nan")], behavior_logprobs=[[0.0]])
+
+
+def test_sampling_log_probs_kept_per_chunk(tmp_path):
+    """The engine's log-probs of the sampled tokens: stored with their chunk when every record of
+    it has them, read back per response; a chunk with a record lacking them stores none."""
+    def sampled(rec: PromptRollouts) -> PromptRollouts:
+        rec.sampling_logprobs = [-torch.arange(len(r), dtype=torch.float32) / (rec.index + 1) for r in rec.responses]
+        rec.__post_init__()
+        return rec
+
+    store = RolloutStore.create(tmp_path / "s", META)
+    store.append([sampled(record(0)), sampled(record(3))])
+    store.append([sampled(record(1)), record(2)])  # one without: the chunk has none
+    again = RolloutStore(tmp_path / "s")
+    for i in (0, 3):
+        got, want = again.get(i), sampled(record(i))
+        assert_same(got, want)
+        assert all(torch.equal(a, b) for a, b in zip(got.sampling_logprobs, want.sampling_logprobs))
+    assert again.get(1).sampling_logprobs is None and again.get(2).sampling_logprobs is None
+    assert "sampling_logprobs" not in torch.load(tmp_path / "s" / "chunk-000001.pt", weights_only=True)
+    c = torch.load(tmp_path / "s" / "chunk-000000.pt", weights_only=True)
+    c["sampling_logprobs"] = c["sampling_logprobs"][:-1]
+    torch.save(c, tmp_path / "s" / "chunk-000000.pt")
+    with pytest.raises(StoreError, match="chunk-000000.pt: sampling log-probs do not match"):
+        RolloutStore(tmp_path / "s")
+    with pytest.raises(StoreError, match="response 0 has non-finite sampling log-probs"):
+        PromptRollouts(index=0, text="t", label=None, row={}, prompt_ids=[1], responses=[[5]], rewards=[1.0],
+                       sampling_logprobs=[[float("-inf")]])  # fmt: skip
 
 
 def test_corrupt_or_missing_store_errors_name_the_file(tmp_path):

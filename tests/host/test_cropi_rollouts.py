@@ -37,6 +37,23 @@ def test_failed_reward_is_an_error_naming_the_prompt_or_a_left_out_response():
     assert [r.tolist() for r in rec.responses] == [[1], [1]]
 
 
+def test_sampling_log_probs_follow_the_kept_response_tokens():
+    """vLLM's log-probs of the sampled tokens (OpenRLHF pads the prompt's part with zeros) are kept
+    for the kept responses, cut where the tokens are; dropped when any is missing or not finite."""
+    prompt = [5, 6, 7]
+    outputs = [sample(prompt, [1, 2], 1.0), sample(prompt, [3], None), sample(prompt, [4, 4, 4], 0.0)]
+    for out, lp in zip(outputs, ([-0.5, -1.5], [-2.0], [-0.125, -0.25, -0.375])):
+        out["rollout_log_probs"] = [0.0] * len(prompt) + lp
+    rec = behavior_record("pool", 0, "p", "l", {}, outputs, max_len=64, skip_failed=True)
+    assert [s.tolist() for s in rec.sampling_logprobs] == [[-0.5, -1.5], [-0.125, -0.25, -0.375]]
+    rec = behavior_record("pool", 0, "p", "l", {}, outputs[::2], max_len=5, skip_failed=False)
+    assert [s.tolist() for s in rec.sampling_logprobs] == [[-0.5, -1.5], [-0.125, -0.25]]
+    outputs[2]["rollout_log_probs"][-1] = float("-inf")
+    assert behavior_record("pool", 0, "p", "l", {}, outputs[::2], max_len=64, skip_failed=False).sampling_logprobs is None
+    outputs[2]["rollout_log_probs"] = None
+    assert behavior_record("pool", 0, "p", "l", {}, outputs[::2], max_len=64, skip_failed=False).sampling_logprobs is None
+
+
 def test_engine_calls_carry_the_tokenizer_by_name(tiny_models):
     stand_in = _TokenizerByName(str(tiny_models[0]), True)
     payload = pickle.dumps(stand_in)

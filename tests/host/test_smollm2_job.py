@@ -5,10 +5,9 @@ run through `python -m openrlhf_cropi.cli.train_ppo_ray` (vLLM CPU engine, DeepS
 
 Checked on the job's rollout store and phase files:
 - every behavior response ends with the tokenizer's EOS (<|im_end|>) unless cut at the token limit;
-- log beta (teacher forcing on the DeepSpeed actor) equals vLLM's log-probs of the same tokens.
-  The job does not keep the log-probs vLLM sampled with, so vLLM (same checkpoint, float32)
-  recomputes them for the stored tokens after the job (prompt_logprobs, i.e. at temperature 1:
-  the --rollout.temperature log beta is taken at);
+- log beta (teacher forcing on the DeepSpeed actor) equals the log-probs vLLM sampled the same
+  tokens with, which the store keeps (vLLM's raw log-probs: temperature 1, the
+  --rollout.temperature log beta is taken at, although the behavior sampled at 0.5);
 - at phase 0 every rho is 1: log beta equals the initial policy's own log-probs (plain
   transformers, an independent oracle);
 - the phase-0 and phase-1 selections are written: a cosine for every pool prompt that has reward
@@ -16,10 +15,9 @@ Checked on the job's rollout store and phase files:
 """
 
 import json
-import os
 import pathlib
+import re
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -52,18 +50,6 @@ def _problems():
 def _jsonl(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
-
-
-# vLLM's log-probs of given tokens (prompt_logprobs: its prefill path, raw logits, temperature 1).
-VLLM_SCRIPT = """
-import sys, torch
-from vllm import LLM, SamplingParams
-model, items_file, out_file = sys.argv[1:]
-items = torch.load(items_file)
-llm = LLM(model=model, dtype="float32", enforce_eager=True, max_model_len=256, seed=0)
-outs = llm.generate([{"prompt_token_ids": p + r} for p, r in items], SamplingParams(max_tokens=1, prompt_logprobs=0))
-torch.save([[o.prompt_logprobs[len(p) + j][t].logprob for j, t in enumerate(r)] for (p, r), o in zip(items, outs)], out_file)
-"""
 
 
 def _oracle_log_probs(model_dir, records):
@@ -134,16 +120,16 @@ def test_smollm2_cropi_job(cpu_env, tmp_path):
     # log beta on the DeepSpeed actor vs vLLM and vs plain transformers, on every teacher-forced token.
     forced = [rec for rec in records if rec.behavior_logprobs is not None]
     assert forced
-    items = [(rec.prompt_ids.tolist(), r.tolist()) for rec in forced for r in rec.responses]
+    assert all(rec.sampling_logprobs is not None for rec in records)
     behavior = torch.cat([b for rec in forced for b in rec.behavior_logprobs])
-    torch.save(items, tmp_path / "items.pt")
-    subprocess.run([sys.executable, "-c", VLLM_SCRIPT, str(model), str(tmp_path / "items.pt"), str(tmp_path / "vllm.pt")],
-                   check=True, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}, capture_output=True)  # fmt: skip
-    vllm = torch.tensor([v for row in torch.load(tmp_path / "vllm.pt") for v in row])
+    vllm = torch.cat([s for rec in forced for s in rec.sampling_logprobs])
     oracle = torch.cat(_oracle_log_probs(model, forced))
     vllm_gap, rho_gap = (behavior - vllm).abs().max().item(), (oracle - behavior).exp().sub(1).abs().max().item()
     print(f"{len(behavior)} tokens: max |log beta - vLLM| {vllm_gap:.2e}, max |rho - 1| at phase 0 {rho_gap:.2e}")
     assert vllm_gap < VLLM_TOL
+    # The job logs the same comparison.
+    logged = re.search(r"CROPI log beta .* (\d+) tokens: max \|difference\| (\S+),", log.read_text())
+    assert logged and int(logged[1]) == len(behavior) and abs(float(logged[2]) - vllm_gap) <= 0.01 * vllm_gap + 1e-9
     assert rho_gap < ORACLE_TOL
 
     # Selections: a cosine for every pool prompt with reward variance, none for the others; the
