@@ -1,6 +1,7 @@
 """Full-data GRPO vs random-10% vs learnability-10% vs CROPI-10%, same budget, same seeds.
 
     python benchmarks/curriculum.py [--targets add linear] [--seeds 0 1 2] [--out runs/curriculum-add-linear]
+                                    [--arms full random learnability influence]
 
 Every run is one arm of launch/local/demo.sh (the identical pipeline; the arms differ only in
 --cropi.selector / --cropi.alpha) with the same warm start, targets, number of global steps and
@@ -8,9 +9,9 @@ seeds. The behavior rollouts of the initial policy are generated once per seed a
 the other arms' stores (each run would otherwise regenerate the same thing). Resumable: a
 finished arm is kept. Prints and writes OUT/report.md and OUT/accuracy.png:
   - per-step targeted / untargeted test accuracy, mean over seeds with Student-t 95% intervals;
-  - steps-to-target: target = full-data GRPO's best targeted accuracy (seed mean); an arm's
-    steps = its first evaluated step whose seed mean reaches it; acceleration = full data's
-    steps / the arm's steps;
+  - steps-to-target: target = full-data GRPO's best targeted accuracy (seed mean; random 10%'s
+    when --arms leaves full data out); an arm's steps = its first evaluated step whose seed mean
+    reaches it; acceleration = the reference's steps / the arm's steps;
   - accuracy at equal steps (the last evaluated step), the targeted share of the subsets, and
     seconds per phase for behavior rollouts (once), selection and training.
 """
@@ -33,10 +34,10 @@ from openrlhf_cropi.demo.tasks import DEFAULT_TARGETS, parse_targets, read_jsonl
 METHODS = {"full data": "full", "random 10%": "random", "learnability 10%": "learnability", "CROPI 10%": "influence"}
 
 
-def run_seed(out: Path, cache: Path, seed: int, targets: tuple[str, ...]) -> None:
-    """All four arms of one seed: one demo.sh call (it shares the behavior rollouts and keeps finished arms)."""
+def run_seed(out: Path, cache: Path, seed: int, targets: tuple[str, ...], arms: list[str]) -> None:
+    """The arms of one seed: one demo.sh call (it shares the behavior rollouts and keeps finished arms)."""
     env = {
-        **os.environ, "DEMO_CACHE": str(cache), "DEMO_ARMS": " ".join(METHODS.values()), "DEMO_SEED": str(seed),
+        **os.environ, "DEMO_CACHE": str(cache), "DEMO_ARMS": " ".join(arms), "DEMO_SEED": str(seed),
         "DEMO_TARGETS": " ".join(targets),
     }  # fmt: skip
     with open(out.parent / f"{out.name}.log", "a") as log:
@@ -50,22 +51,29 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", type=Path, help="default: runs/curriculum-<targets>")
     parser.add_argument("--cache", type=Path, default=ROOT / "runs/demo-cache", help="the demo's suite (built if absent)")
+    parser.add_argument("--arms", nargs="+", choices=list(METHODS.values()), default=list(METHODS.values()),
+                        help="demo.sh arms to run (default: all four); full or random is the steps-to-target reference")
     args = parser.parse_args(argv)
     try:
         targets = parse_targets(args.targets)
     except ValueError as e:
         parser.error(str(e))
+    methods = {name: arm for name, arm in METHODS.items() if arm in args.arms}
+    if not {"full", "random"} & set(args.arms):
+        parser.error("--arms: include full or random, the reference steps-to-target is measured against")
+    reference = "full data" if "full" in args.arms else "random 10%"
     out = args.out or ROOT / f"runs/curriculum-{'-'.join(targets)}"
     out.mkdir(parents=True, exist_ok=True)
-    results = {name: [] for name in METHODS}
+    results = {name: [] for name in methods}
     for seed in args.seeds:
-        run_seed(out / f"seed{seed}", args.cache, seed, targets)
-        for name, arm in METHODS.items():
+        run_seed(out / f"seed{seed}", args.cache, seed, targets, list(methods.values()))
+        for name, arm in methods.items():
             results[name].append(load_run(out / f"seed{seed}" / arm))
     suite = args.cache / "suite"
-    lines, curves = comparison(results, read_jsonl(suite / "pool.jsonl"), targets, "full data", graded_answers(suite, targets, 8))
+    lines, curves = comparison(results, read_jsonl(suite / "pool.jsonl"), targets, reference, graded_answers(suite, targets, 8))
     plot_accuracy(curves, targets, out / "accuracy.png")
     command = f"python benchmarks/curriculum.py --targets {' '.join(targets)} --seeds {' '.join(map(str, args.seeds))}"
+    command += "" if len(methods) == len(METHODS) else f" --arms {' '.join(methods.values())}"
     report = [f"# Curriculum benchmark, targets {', '.join(targets)}", "", f"Command: `{command}`", "", *lines,
               "", "![targeted and untargeted accuracy, seed mean and 95% interval](accuracy.png)", ""]  # fmt: skip
     (out / "report.md").write_text("\n".join(report))

@@ -122,12 +122,12 @@ class PromptRollouts:
             raise StoreError(f"{where}: non-finite rewards")
         lengths = [len(r) for r in self.responses]
         if self.behavior_logprobs is not None:
-            self.behavior_logprobs = _check_behavior(self.index, lengths, self.behavior_logprobs)
+            self.behavior_logprobs = _check_logprobs(self.index, lengths, self.behavior_logprobs)
         if self.sampling_logprobs is not None:
-            self.sampling_logprobs = _check_behavior(self.index, lengths, self.sampling_logprobs, "sampling")
+            self.sampling_logprobs = _check_logprobs(self.index, lengths, self.sampling_logprobs, "sampling")
 
 
-def _check_behavior(
+def _check_logprobs(
     index: int, lengths: Sequence[int], behavior: Sequence[Any], what: str = "behavior"
 ) -> list[torch.Tensor]:
     where = f"prompt {index}"
@@ -403,7 +403,7 @@ class RolloutStore:
             if i in self._behavior:
                 raise StoreError(f"{self.path}: prompt {i} is already teacher-forced")
             chunk, row = self._where[i]
-            checked[i] = _check_behavior(i, _response_spans(self._load(chunk), row).diff().tolist(), rows)
+            checked[i] = _check_logprobs(i, _response_spans(self._load(chunk), row).diff().tolist(), rows)
         self._write_behavior(checked)
 
     def _write_behavior(self, checked: Mapping[int, list[torch.Tensor]]) -> None:
