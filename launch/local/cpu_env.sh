@@ -12,7 +12,7 @@ export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-${VIRTUAL_ENV:?activate the 
 export TOKENIZERS_PARALLELISM=false RAY_DEDUP_LOGS=0
 # Ray gives each actor OMP_NUM_THREADS=<its num_cpus> (1 here) unless the variable is set: the
 # DeepSpeed actor would then use one core while the vLLM engine, its only neighbour, sits idle
-# between rollouts (GRPO alternates them). 1.6x per forward+backward on 2 cores.
+# between rollouts (GRPO alternates them). 1.6x per forward+backward on 2 AVX2 cores.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)}
 
 # start_ray N: a private single-node Ray cluster with N logical GPUs (OpenRLHF places every
