@@ -23,7 +23,8 @@ from pathlib import Path
 
 from openrlhf_cropi.demo.tasks import DEFAULT_TARGETS, FAMILIES, parse_targets, read_jsonl
 
-ARMS = {"CROPI 10%": "influence", "random 10%": "random"}  # the demo's arms: name -> run directory under OUT
+CROPI = "CROPI 10%"
+ARMS = {CROPI: "influence", "random 10%": "random"}  # the demo's arms: name -> run directory under OUT
 
 
 @dataclass
@@ -145,6 +146,11 @@ def steps_to(curve: dict[int, tuple[float, float]], target: float) -> int | None
     return next((s for s, (v, _) in sorted(curve.items()) if v >= target - 1e-9), None)
 
 
+def above_steps(a: dict[int, tuple[float, float]], b: dict[int, tuple[float, float]]) -> list[int]:
+    """Steps both curves evaluated where a's 95% interval lies entirely above b's."""
+    return [s for s in sorted(set(a) & set(b)) if a[s][0] - a[s][1] > b[s][0] + b[s][1]]
+
+
 def targeted_share(run: Run, pool_rows: list[dict], targets: tuple[str, ...]) -> float:
     """Share of targeted-family prompts over all of the run's phase subsets."""
     picked = [pool_rows[i]["family"] in targets for phase in run.phases for i in phase["selected"]]
@@ -195,6 +201,20 @@ def comparison(
             f"{rollouts:.0f} | {statistics.mean(t['selection'] for t in times):.1f} | "
             f"{statistics.mean(trained) if trained else 0:.1f} |"
         )
+    steps = sorted(set.intersection(*(set(c["targeted"]) for c in curves.values())))
+    lines += ["", "Targeted accuracy by step, mean ± 95% half-width:", "",
+              "| arm | " + " | ".join(f"step {s}" for s in steps) + " |", "|---" * (len(steps) + 1) + "|"]  # fmt: skip
+    for name, by_group in curves.items():
+        cells = (f"{by_group['targeted'][s][0]:.3f} ± {by_group['targeted'][s][1]:.3f}" for s in steps)
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if CROPI in curves:
+        lines.append("")
+        for name in curves:
+            if name != CROPI:
+                above = above_steps(curves[CROPI]["targeted"], curves[name]["targeted"])
+                listed = ", ".join(map(str, above))
+                where = (f"at steps {listed}" if len(above) > 1 else f"at step {listed}") if above else "at no evaluated step"
+                lines.append(f"- {CROPI} above {name}, 95% intervals apart: {where} (of {', '.join(map(str, steps))}).")
     return lines, curves
 
 

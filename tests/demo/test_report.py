@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from openrlhf_cropi.demo.report import comparison, load_run, phase_table, seed_curve, steps_to, write_report
+from openrlhf_cropi.demo.report import above_steps, comparison, load_run, phase_table, seed_curve, steps_to, write_report
 from openrlhf_cropi.demo.tasks import FAMILIES
 
 pytest.importorskip("tensorboard")
@@ -48,8 +48,16 @@ def _fake_run(run_dir: Path, suite: Path, gain: float, offset: float = 0.0) -> N
         (phases / f"phase-{phase:03d}.json").write_text(json.dumps(record))
 
 
-def _rows(lines: list[str]) -> dict[str, list[str]]:
-    return {line.split(" | ")[0].strip("| "): line.split(" | ") for line in lines if line.startswith("| ") and "arm" not in line}
+def _rows(lines: list[str], table: int = 0) -> dict[str, list[str]]:
+    """The rows of the table-th markdown table in lines, by first cell."""
+    tables, previous = [], False
+    for line in lines:
+        if line.startswith("|"):
+            if not previous:
+                tables.append([])
+            tables[-1].append(line)
+        previous = line.startswith("|")
+    return {row.split(" | ")[0].strip("| "): row.split(" | ") for row in tables[table][2:]}  # after header and rule
 
 
 def test_run_accuracy_phases_and_table(tmp_path):
@@ -120,6 +128,19 @@ def test_curriculum_comparison(tmp_path):
     assert rows["CROPI 10%"][4] == "0.400 ± 0.000"
     # Subsets of the fake runs: rows 0, 1, 0, 7 -> families 0, 1, 0, 0: all targeted.
     assert rows["CROPI 10%"][6] == "100%"
+    by_step = _rows(lines, table=1)
+    assert [c.strip(" |") for c in by_step["random 10%"][1:]] == ["0.200 ± 0.000", "0.220 ± 0.000", "0.240 ± 0.000"]
+    # Zero-width intervals: apart wherever the means differ.
+    assert "- CROPI 10% above random 10%, 95% intervals apart: at steps 2, 4 (of 0, 2, 4)." in lines
+    assert "- CROPI 10% above full data, 95% intervals apart: at steps 2, 4 (of 0, 2, 4)." in lines
+
+
+def test_above_steps_by_hand():
+    cropi = {0: (0.20, 0.02), 4: (0.30, 0.02), 8: (0.35, 0.05)}
+    other = {0: (0.20, 0.02), 4: (0.25, 0.02), 8: (0.28, 0.03), 12: (0.1, 0.0)}
+    # step 4: 0.28 > 0.27 apart; step 8: 0.30 > 0.31 no; step 12 only in one curve.
+    assert above_steps(cropi, other) == [4]
+    assert above_steps(other, cropi) == []
 
 
 def test_comparison_when_the_reference_never_improves(tmp_path):
