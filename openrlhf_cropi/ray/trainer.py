@@ -483,17 +483,6 @@ class _CropiPPOTrainer(PPOTrainer.__ray_actor_class__):
 
     # ---- the loop ----------------------------------------------------------------------------
 
-    def evaluate(self, global_step, **generate_kwargs):
-        # OpenRLHF sends the evaluation set to vLLM in rounds of --rollout.batch_size prompts, each
-        # round waiting for its slowest sample; one round keeps vLLM's batch full (benchmarks/
-        # README.md, the demo). Nothing else is in flight: CROPI refuses --train.async_enable.
-        rollout = self.args.rollout
-        batch_size, rollout.batch_size = rollout.batch_size, len(self.eval_dataloader.dataset)
-        try:
-            return super().evaluate(global_step, **generate_kwargs)
-        finally:
-            rollout.batch_size = batch_size
-
     def fit(self, global_step: int = 0) -> None:
         # A resumed run finds its phase and subset in the checkpoint's sampler state.
         resumed_step = self.init_checkpoint_states()["global_step"]

@@ -44,10 +44,6 @@ def test_demo_small(cpu_env, tmp_path):
     assert [p.relative_to(out / "influence") for p in first] == [p.relative_to(out / "random") for p in second]
     assert all(a.read_bytes() == b.read_bytes() for a, b in zip(first, second) if a.is_file())
     assert phases["influence"][0]["selected"] != phases["random"][0]["selected"]
-    # Each evaluation sent the whole test set to vLLM at once (the trainer's evaluate), not in
-    # rounds of --rollout.batch_size (16) prompts.
-    tests = len((tmp_path / "cache/suite/test.jsonl").read_text().splitlines())
-    assert f"Generate samples: 100%|██████████| {tests}/{tests} [" in (out / "influence.log").read_text()
     # The validation sets were the targets' (DEMO_TARGETS).
     assert len(list((out / "influence/ckpt/cropi/rollouts").glob("val*"))) == 2
 
