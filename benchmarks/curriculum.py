@@ -74,6 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     plot_accuracy(curves, targets, out / "accuracy.png")
     command = f"python benchmarks/curriculum.py --targets {' '.join(targets)} --seeds {' '.join(map(str, args.seeds))}"
     command += "" if len(methods) == len(METHODS) else f" --arms {' '.join(methods.values())}"
+    command += f" --out {args.out}" if args.out else ""
     report = [f"# Curriculum benchmark, targets {', '.join(targets)}", "", f"Command: `{command}`", "", *lines,
               "", "![targeted and untargeted accuracy, seed mean and 95% interval](accuracy.png)", ""]  # fmt: skip
     (out / "report.md").write_text("\n".join(report))

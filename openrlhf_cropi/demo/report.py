@@ -207,6 +207,9 @@ def comparison(
     for name, by_group in curves.items():
         cells = (f"{by_group['targeted'][s][0]:.3f} ± {by_group['targeted'][s][1]:.3f}" for s in steps)
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if max(len(runs) for runs in results.values()) > 1:
+        per_seed = (f"{name} {', '.join(_fmt(r.accuracy(targets).get(end)) for r in runs)}" for name, runs in results.items())
+        lines += ["", f"Targeted accuracy at step {end} per seed: " + "; ".join(per_seed) + "."]
     if CROPI in curves:
         lines.append("")
         for name in curves:
