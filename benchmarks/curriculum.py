@@ -1,6 +1,6 @@
 """Full-data GRPO vs random-10% vs learnability-10% vs CROPI-10%, same budget, same seeds.
 
-    python benchmarks/curriculum.py [--targets add linear] [--seeds 0 1 2] [--out runs/curriculum-add-linear]
+    python benchmarks/curriculum.py [--targets add linear] [--seeds 0 1 2 3 4] [--out runs/curriculum-add-linear]
                                     [--arms full random learnability influence]
 
 Every run is one arm of launch/local/demo.sh (the identical pipeline; the arms differ only in
@@ -48,7 +48,7 @@ def run_seed(out: Path, cache: Path, seed: int, targets: tuple[str, ...], arms: 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--targets", nargs="+", default=list(DEFAULT_TARGETS), metavar="FAMILY")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--out", type=Path, help="default: runs/curriculum-<targets>")
     parser.add_argument("--cache", type=Path, default=ROOT / "runs/demo-cache", help="the demo's suite (built if absent)")
     parser.add_argument("--arms", nargs="+", choices=list(METHODS.values()), default=list(METHODS.values()),
