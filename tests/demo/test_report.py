@@ -137,6 +137,18 @@ def test_curriculum_comparison(tmp_path):
     assert "- CROPI 10% above full data, 95% intervals apart: at steps 2, 4 (of 0, 2, 4)." in lines
 
 
+def test_curriculum_lists_each_seed_in_seed_order(tmp_path):
+    runs = {}
+    for name, gain, offsets in [("full data", 0.05, (0.0, 0.1)), ("CROPI 10%", 0.1, (0.02, 0.0))]:
+        runs[name] = []
+        for seed, offset in enumerate(offsets):
+            _fake_run(tmp_path / f"{name}-{seed}", tmp_path / "suite", gain, offset)
+            runs[name].append(load_run(tmp_path / f"{name}-{seed}"))
+    lines, _ = comparison(runs, _pool(tmp_path / "suite"), TARGETS, "full data", {"targeted": 160, "untargeted": 400})
+    # Step 4 is the third evaluation: 0.2 + offset + 2 * gain.
+    assert "Targeted accuracy at step 4 per seed: full data 0.300, 0.400; CROPI 10% 0.420, 0.400." in lines
+
+
 def test_above_steps_by_hand():
     cropi = {0: (0.20, 0.02), 4: (0.30, 0.02), 8: (0.35, 0.05)}
     other = {0: (0.20, 0.02), 4: (0.25, 0.02), 8: (0.28, 0.03), 12: (0.1, 0.0)}
