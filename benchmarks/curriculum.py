@@ -38,7 +38,7 @@ def run_seed(out: Path, cache: Path, seed: int, targets: tuple[str, ...], arms: 
     """The arms of one seed: one demo.sh call (it shares the behavior rollouts and keeps finished arms)."""
     env = {
         **os.environ, "DEMO_CACHE": str(cache), "DEMO_ARMS": " ".join(arms), "DEMO_SEED": str(seed),
-        "DEMO_TARGETS": " ".join(targets),
+        "DEMO_TARGETS": " ".join(targets), "DEMO_EVAL_STEPS": "4",
     }  # fmt: skip
     with open(out.parent / f"{out.name}.log", "a") as log:
         print(f"running seed {seed} in {out} (log {log.name})", flush=True)

@@ -14,6 +14,8 @@
 #   DEMO_SEED      --train.seed and --cropi.seed (0); the suite and warm start are fixed
 #   DEMO_CACHE     where the suite is built (runs/demo-cache)
 #   DEMO_PHASES DEMO_STEPS_PER_PHASE   the curriculum (4 phases x 4 steps)
+#   DEMO_EVAL_STEPS   evaluate the test set at step 0 and every this many steps (8: an
+#                     evaluation costs about a phase's training; the curriculum benchmark uses 4)
 #   DEMO_EXTRA_ARGS   more train_ppo_ray flags, appended (they win)
 set -euo pipefail
 
@@ -72,7 +74,7 @@ for arm in "${ARMS[@]}"; do
     --vllm.num_engines 1 --vllm.tensor_parallel_size 1 --vllm.sync_backend gloo --vllm.enforce_eager \
     --ds.zero_stage 2 --ds.param_dtype fp32 --ds.attn_implementation eager \
     --train.num_episodes 1 --train.seed "$SEED" \
-    --eval.dataset "$SUITE/test.jsonl" --eval.steps 4 --eval.temperature 1.0 --eval.n_samples_per_prompt 8 \
+    --eval.dataset "$SUITE/test.jsonl" --eval.steps "${DEMO_EVAL_STEPS:-8}" --eval.temperature 1.0 --eval.n_samples_per_prompt 8 \
     --ckpt.path "$run/ckpt" --ckpt.save_steps 4 --ckpt.output_dir "$run/final" \
     --logger.tensorboard_dir "$run/tensorboard" \
     --cropi.enable --cropi.selector "$selector" --cropi.alpha "$alpha" \

@@ -9,7 +9,8 @@ One deliberate difference: a group whose rewards are all equal gets advantages o
 here. OpenRLHF divides a float-rounding residue of r - mean(r) by 1e-9 in that case; the true
 value is 0, the gradient is 0, and CROPI must skip such prompts before any forward pass.
 ``zero_gradient`` finds the other prompts whose gradient is 0 at every theta, from the stored
-responses and rewards alone.
+responses and rewards alone. ``first_copies`` finds identical responses, whose log-probs and
+gradients are identical: each distinct response needs one row of a forward pass.
 """
 
 from __future__ import annotations
@@ -49,6 +50,13 @@ def group_advantages(rewards: torch.Tensor | Sequence[float]) -> torch.Tensor:
     return torch.where(zero_variance(r).unsqueeze(-1), torch.zeros_like(adv), adv)
 
 
+def first_copies(responses: Sequence[torch.Tensor]) -> list[int]:
+    """For each response, the index of the first response with the same tokens (its own if none
+    comes earlier). Short sampled answers repeat often (half of the demo's responses are copies)."""
+    first: dict[bytes, int] = {}
+    return [first.setdefault(torch.as_tensor(r, dtype=torch.int64).numpy().tobytes(), k) for k, r in enumerate(responses)]
+
+
 def zero_gradient(responses: Sequence[torch.Tensor], rewards: torch.Tensor | Sequence[float]) -> bool:
     """True when the rewards vary, yet the prompt's gradient is 0 at every theta.
 
@@ -63,10 +71,8 @@ def zero_gradient(responses: Sequence[torch.Tensor], rewards: torch.Tensor | Seq
     r = torch.as_tensor(rewards, dtype=torch.float64)
     if len(responses) != r.shape[-1]:
         raise ValueError(f"{len(responses)} responses but {r.shape[-1]} rewards")
-    keys = [torch.as_tensor(response, dtype=torch.int64).numpy().tobytes() for response in responses]
-    if len(set(keys)) == len(keys) or bool(zero_variance(r)):
+    first = first_copies(responses)
+    if first == list(range(len(first))) or bool(zero_variance(r)):
         return False  # all responses distinct; or the zero-variance case, counted on its own
-    sums: dict[bytes, float] = {}
-    for key, a in zip(keys, group_advantages(r).tolist()):
-        sums[key] = sums.get(key, 0.0) + a
-    return all(abs(s) < 1e-6 for s in sums.values())
+    sums = torch.zeros(len(first), dtype=torch.float64).index_add_(0, torch.tensor(first), group_advantages(r))
+    return bool((sums.abs() < 1e-6).all())

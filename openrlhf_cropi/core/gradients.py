@@ -6,9 +6,11 @@ For a prompt s with K stored responses y_k, rewards r_k and behavior log-probs l
     J(theta)  = (1/K) sum_k (1/|y_k|) sum_t rho_{k,t} A_k        (= -L of the method doc)
     g_s       = grad_theta J                                       (no clipping, no KL term)
 
-Only response tokens count. The K responses are packed into micro-batches of at most
-``max_tokens`` padded tokens; J is a sum over responses, so the micro-batch gradients add up
-to g_s exactly. ``projected_gradient`` returns P g_s without ever holding g_s: each
+Only response tokens count. Identical responses have identical ratios, so each distinct
+response is one row, weighted by the summed advantages of its copies (``first_copies``: half
+the rows of the demo's rollouts). The rows are packed into micro-batches of at most
+``max_tokens`` padded tokens; J is a sum over rows, so the micro-batch gradients add up to g_s
+exactly. ``projected_gradient`` returns P g_s without ever holding g_s: each
 parameter's gradient is projected the moment autograd produces it (a hook on the parameter)
 and then dropped, and the projected micro-batch contributions are summed (P is linear). Its
 memory beyond a training forward+backward of the same micro-batch is one parameter's gradient
@@ -39,7 +41,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from .advantages import group_advantages, zero_variance
+from .advantages import first_copies, group_advantages, zero_variance
 from .projection import SparseProjector
 
 LogProbFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -162,17 +164,33 @@ def behavior_log_probs(
     """log beta of every response token by teacher forcing (no grad): one float32 CPU tensor per response.
 
     Use the same ``log_prob_fn`` and ``max_tokens`` as for ``projected_gradient`` later, so that at
-    theta == beta every importance ratio is exactly 1.
+    theta == beta every importance ratio is exactly 1. Identical responses are computed once.
     """
     _check_rollouts(prompt_ids, responses)
-    out: list[torch.Tensor | None] = [None] * len(responses)
+    first = first_copies(responses)
+    out: dict[int, torch.Tensor] = {}
     with torch.no_grad():
-        for batch in plan_micro_batches([len(r) for r in responses], len(prompt_ids), max_tokens):
-            ids, attn, act = pack_micro_batch(prompt_ids, [responses[k] for k in batch], device)
+        for ks in _distinct_micro_batches(responses, first, len(prompt_ids), max_tokens):
+            ids, attn, act = pack_micro_batch(prompt_ids, [responses[k] for k in ks], device)
             lp = log_prob_fn(ids, attn, act).float().cpu()
-            for row, k in enumerate(batch):
+            for row, k in enumerate(ks):
                 out[k] = lp[row, : len(responses[k])].clone()
-    return out  # type: ignore[return-value]
+    return [out[f] if f == k else out[f].clone() for k, f in enumerate(first)]
+
+
+def _distinct_micro_batches(
+    responses: Sequence[torch.Tensor], first: Sequence[int], prompt_length: int, max_tokens: int
+) -> list[list[int]]:
+    """``plan_micro_batches`` over the distinct responses (first copies), as response indices."""
+    distinct = [k for k, f in enumerate(first) if f == k]
+    plan = plan_micro_batches([len(responses[k]) for k in distinct], prompt_length, max_tokens)
+    return [[distinct[j] for j in batch] for batch in plan]
+
+
+def forward_passes(prompt_length: int, response_lengths: Sequence[int], distinct: Sequence[bool], max_tokens: int) -> int:
+    """Micro-batches that teacher forcing or a gradient of one prompt runs: its distinct responses
+    (``distinct[k]``: response k is a first copy) planned as ``plan_micro_batches`` plans them."""
+    return len(plan_micro_batches([n for n, d in zip(response_lengths, distinct) if d], prompt_length, max_tokens))
 
 
 def surrogate_objective(
@@ -184,7 +202,8 @@ def surrogate_objective(
 ) -> torch.Tensor:
     """This micro-batch's share of J = (1/K) sum_k A_k mean_t rho_{k,t}; shares add up to J.
 
-    log_probs, behavior, action_mask: [B, A]; advantages: [B]; num_responses: K of the prompt.
+    log_probs, behavior, action_mask: [B, A]; advantages: [B] (a row's: those of all its copies);
+    num_responses: K of the prompt.
     """
     mask = action_mask.bool()
     # Zero the log-ratio on padding before exp: exp(garbage) * 0 could be inf * 0 = nan.
@@ -216,17 +235,19 @@ def micro_batch_objectives(
             raise ValueError(f"response {k}: {len(r)} tokens but {len(b)} behavior log-probs")
     if bool(zero_variance(rewards)):
         return iter(())
+    first = first_copies(responses)
+    # A distinct response's row carries the advantages of all its copies (the first copy's log beta).
     advantages = group_advantages(rewards)
+    weights = torch.zeros_like(advantages).index_add_(0, torch.tensor(first), advantages)
 
     def objectives() -> Iterator[torch.Tensor]:
-        for batch in plan_micro_batches([len(r) for r in responses], len(prompt_ids), max_tokens):
-            ids, attn, act = pack_micro_batch(prompt_ids, [responses[k] for k in batch], device)
+        for ks in _distinct_micro_batches(responses, first, len(prompt_ids), max_tokens):
+            ids, attn, act = pack_micro_batch(prompt_ids, [responses[k] for k in ks], device)
             beh = torch.zeros(act.shape, dtype=torch.float32)
-            for row, k in enumerate(batch):
+            for row, k in enumerate(ks):
                 beh[row, : len(behavior[k])] = behavior[k]
-            yield surrogate_objective(
-                log_prob_fn(ids, attn, act), beh.to(device), act, advantages[batch].to(device), len(responses)
-            )
+            yield surrogate_objective(log_prob_fn(ids, attn, act), beh.to(device), act, weights[ks].to(device),
+                                      len(responses))  # fmt: skip
 
     return objectives()  # a generator inside, so that bad input raises at the call
 

@@ -47,8 +47,8 @@ or absent: an interrupted write loses at most the chunk in flight, and leftover 
 are ignored. A prompt appears at most once among the rollout chunks and at most once among the
 behavior chunks. One writer at a time (there is no lock).
 
-``summary()`` reads what selection needs (rewards, lengths, flags: a few bytes per response)
-without touching tokens or log-probs, so its memory does not grow with response length.
+``summary()`` keeps what selection needs (rewards, lengths, flags: a few bytes per response),
+not tokens or log-probs, so its memory does not grow with response length.
 """
 
 from __future__ import annotations
@@ -62,7 +62,8 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
-from .advantages import zero_gradient
+from .advantages import first_copies, zero_gradient
+from .gradients import forward_passes
 
 FORMAT, VERSION = "cropi-rollouts", 2
 _CHUNK = re.compile(r"^chunk-(\d+)\.pt$")
@@ -147,7 +148,7 @@ def _check_logprobs(
 class RolloutSummary:
     """What selection needs of a store, in ascending prompt index: no tokens, no log-probs.
 
-    Memory: 22 bytes per prompt plus 8 per response (86 bytes per prompt at K = 8), whatever
+    Memory: 22 bytes per prompt plus 9 per response (94 bytes per prompt at K = 8), whatever
     the response length.
     """
 
@@ -155,6 +156,7 @@ class RolloutSummary:
     offsets: torch.Tensor  # int64 [P+1]: prompt p's responses are rows offsets[p]:offsets[p+1] below
     rewards: torch.Tensor  # float32 [R]
     response_lengths: torch.Tensor  # int32 [R]
+    first_copy: torch.Tensor  # bool [R]: no earlier response of its prompt has the same tokens
     prompt_lengths: torch.Tensor  # int32 [P]
     zero_gradient: torch.Tensor  # bool [P]
     teacher_forced: torch.Tensor  # bool [P]
@@ -183,8 +185,11 @@ class RolloutSummary:
         """float64 [P]: mean reward (the behavior pass rate for 0/1 rewards)."""
         return self._per_prompt("mean")
 
-    def response_lengths_of(self, p: int) -> list[int]:
-        return self.response_lengths[int(self.offsets[p]) : int(self.offsets[p + 1])].tolist()
+    def forward_passes(self, p: int, max_tokens: int) -> int:
+        """Micro-batches that teacher forcing or a gradient of prompt p runs (``gradients.forward_passes``)."""
+        rows = slice(int(self.offsets[p]), int(self.offsets[p + 1]))
+        return forward_passes(int(self.prompt_lengths[p]), self.response_lengths[rows].tolist(),
+                              self.first_copy[rows].tolist(), max_tokens)  # fmt: skip
 
 
 def _encode(records: Sequence[PromptRollouts]) -> dict:
@@ -357,13 +362,15 @@ class RolloutStore:
         for chunk in self._paths(_CHUNK):
             c = self._load(chunk)
             parts.append((c["index"].clone(), c["num_responses"].clone(), c["rewards"].clone(),
-                          c["response_offsets"].diff().int(), c["prompt_offsets"].diff().int(),
+                          c["response_offsets"].diff().int(), _first_copy_flags(c), c["prompt_offsets"].diff().int(),
                           c["zero_gradient"].clone()))  # fmt: skip
         if not parts:
             empty = torch.zeros(0, dtype=torch.long)
-            return RolloutSummary(empty, torch.zeros(1, dtype=torch.long), empty.float(), empty.int(), empty.int(),
-                                  empty.bool(), empty.bool())  # fmt: skip
-        index, counts, rewards, response_lengths, prompt_lengths, zero_grad = (torch.cat(x) for x in zip(*parts))
+            return RolloutSummary(empty, torch.zeros(1, dtype=torch.long), empty.float(), empty.int(), empty.bool(),
+                                  empty.int(), empty.bool(), empty.bool())  # fmt: skip
+        index, counts, rewards, response_lengths, first_copy, prompt_lengths, zero_grad = (
+            torch.cat(x) for x in zip(*parts)
+        )
         order = torch.argsort(index)
         starts = (torch.cumsum(counts, 0) - counts)[order]
         counts = counts[order]
@@ -372,8 +379,8 @@ class RolloutStore:
         rows = torch.repeat_interleave(starts - offsets[:-1], counts) + torch.arange(int(offsets[-1]))
         index = index[order]
         forced = torch.tensor([i in self._behavior for i in index.tolist()], dtype=torch.bool)
-        return RolloutSummary(index, offsets, rewards[rows], response_lengths[rows], prompt_lengths[order],
-                              zero_grad[order], forced)  # fmt: skip
+        return RolloutSummary(index, offsets, rewards[rows], response_lengths[rows], first_copy[rows],
+                              prompt_lengths[order], zero_grad[order], forced)  # fmt: skip
 
     def append(self, records: Sequence[PromptRollouts]) -> None:
         """Write ``records`` as one new rollout chunk (atomically), and the behavior log-probs
@@ -428,6 +435,16 @@ def _response_spans(c: dict, row: int) -> torch.Tensor:
     """Offsets [K+1] of the responses of a chunk's row in its response_tokens."""
     first = int(c["num_responses"][:row].sum())
     return c["response_offsets"][first : first + int(c["num_responses"][row]) + 1]
+
+
+def _first_copy_flags(c: dict) -> torch.Tensor:
+    """bool [R] of a rollout chunk: each response is the first of its prompt with its tokens."""
+    offsets, tokens, flags, r = c["response_offsets"].tolist(), c["response_tokens"], [], 0
+    for k in c["num_responses"].tolist():
+        responses = [tokens[offsets[j] : offsets[j + 1]] for j in range(r, r + k)]
+        flags += [f == j for j, f in enumerate(first_copies(responses))]
+        r += k
+    return torch.tensor(flags, dtype=torch.bool)
 
 
 def _decode_row(c: dict, row: int) -> PromptRollouts:

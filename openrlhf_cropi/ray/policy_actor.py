@@ -23,11 +23,12 @@ import torch.distributed as dist
 from openrlhf.trainer.ray.ppo_actor import PolicyModelActor
 from tqdm import tqdm
 
+from openrlhf_cropi.core.advantages import first_copies
 from openrlhf_cropi.core.gradients import (
     behavior_log_probs,
     causal_lm_log_prob_fn,
     checkpointing_mode,
-    plan_micro_batches,
+    forward_passes,
     projected_gradient,
     stream_gradients,
 )
@@ -64,8 +65,10 @@ def _read_share(share) -> list[dict]:
 def num_passes(items: list[dict], max_tokens: int) -> int:
     """Forward passes (micro-batches) that teacher forcing or a gradient of these prompts takes."""
     return sum(
-        len(plan_micro_batches([len(r) for r in it["responses"]], len(it["prompt_ids"]), max_tokens)) for it in items
-    )
+        forward_passes(len(it["prompt_ids"]), [len(r) for r in it["responses"]],
+                       [f == k for k, f in enumerate(first_copies(it["responses"]))], max_tokens)
+        for it in items
+    )  # fmt: skip
 
 
 class _CropiPolicyModelActor(PolicyModelActor.__ray_actor_class__):

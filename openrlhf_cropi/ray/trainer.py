@@ -9,7 +9,7 @@
 - At step 0 and every --cropi.steps_per_phase steps: projected off-policy gradients on all
   policy ranks, which read their prompts from the store; the pool's come back chunk by chunk
   and are scored as they come; selection; the prompt sampler switches to the new subset.
-- The trainer itself keeps only the stores' summaries (rewards, lengths, flags: 86 bytes per
+- The trainer itself keeps only the stores' summaries (rewards, lengths, flags: 94 bytes per
   pool prompt at K = 8) plus, during a phase, one chunk of projected gradients and the cosines
   (4 bytes per prompt and validation set): never tokens or log-probs.
 - The sampler's state rides in OpenRLHF's checkpoint, so --ckpt.load_enable resumes in the
@@ -35,7 +35,6 @@ from openrlhf.utils.logging_utils import init_logger
 from torchdata.stateful_dataloader import StatefulDataLoader
 from tqdm import tqdm
 
-from openrlhf_cropi.core.gradients import plan_micro_batches
 from openrlhf_cropi.core.scoring import (
     choose_validation,
     pool_cosines,
@@ -370,11 +369,7 @@ class _CropiPPOTrainer(PPOTrainer.__ray_actor_class__):
 
     def _num_passes(self, share: list[tuple[str, int]], max_tokens: int) -> int:
         """Forward passes (micro-batches) these prompts take, from the stored lengths."""
-        return sum(
-            len(plan_micro_batches(self._summaries[split].response_lengths_of(i),
-                                   int(self._summaries[split].prompt_lengths[i]), max_tokens))
-            for split, i in share
-        )  # fmt: skip
+        return sum(self._summaries[split].forward_passes(i, max_tokens) for split, i in share)
 
     # ---- phases ------------------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ from openrlhf_cropi.core.gradients import (
     behavior_log_probs,
     causal_lm_log_prob_fn,
     checkpointing_mode,
+    forward_passes,
     micro_batch_objectives,
     pack_micro_batch,
     plan_micro_batches,
@@ -139,6 +140,36 @@ def test_micro_batching_does_not_change_the_gradient(tiny_lm):
     many = prompt_gradient(fn, params, PROMPT, RESPONSES, REWARDS, behavior, 1, "cpu")
     for a, b in zip(one, many):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_copies_of_a_response_run_as_one_row(tiny_lm):
+    """Identical responses (whose rewards agree or not) are one row carrying their summed
+    advantages: the gradient is still the oracle's, which runs every copy on its own."""
+    a, b, c = RESPONSES[0], RESPONSES[1], RESPONSES[3]
+    responses, rewards = [a, b, a.clone(), c, a.clone(), b.clone()], [1.0, 0.0, 0.0, 1.0, 1.0, 0.0]
+    rows = []
+
+    def counting(ids, attn, act):
+        rows.append(len(ids))
+        return causal_lm_log_prob_fn(tiny_lm)(ids, attn, act)
+
+    behavior = behavior_log_probs(counting, PROMPT, responses, 10_000, "cpu")
+    assert rows == [3]
+    assert torch.equal(behavior[0], behavior[2]) and torch.equal(behavior[0], behavior[4])
+    assert behavior[2] is not behavior[0]  # each response owns its tensor
+    perturb(tiny_lm)
+    params = list(tiny_lm.parameters())
+    rows.clear()
+    got = prompt_gradient(counting, params, PROMPT, responses, rewards, behavior, 10_000, "cpu")
+    assert rows == [3]
+    want = oracle_gradient(tiny_lm, PROMPT, responses, rewards, behavior)
+    assert_grads_close(got, want)
+    assert sum(float(g.norm()) for g in want) > 1e-3
+    # With a budget of one row per pass, the passes run are the passes counted in advance.
+    rows.clear()
+    projector = SparseProjector(sum(p.numel() for p in params), 0.5, 64)
+    projected_gradient(counting, params, projector, PROMPT, responses, rewards, behavior, 1, "cpu")
+    assert rows == [1, 1, 1] == [1] * forward_passes(len(PROMPT), [3, 7, 3, 5, 3, 7], [1, 1, 0, 1, 0, 0], 1)
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])

@@ -218,7 +218,11 @@ def test_summary_matches_the_decoded_records(tmp_path):
     assert s.index.tolist() == [rec.index for rec in want] and len(s) == 7
     for p, rec in enumerate(want):
         assert s.rewards[s.offsets[p] : s.offsets[p + 1]].tolist() == rec.rewards.tolist()
-        assert s.response_lengths_of(p) == [len(x) for x in rec.responses]
+        rows = slice(int(s.offsets[p]), int(s.offsets[p + 1]))
+        assert s.response_lengths[rows].tolist() == [len(x) for x in rec.responses]
+        distinct = [all(not torch.equal(x, y) for y in rec.responses[:j]) for j, x in enumerate(rec.responses)]
+        assert s.first_copy[rows].tolist() == distinct
+        assert s.forward_passes(p, 10_000) == 1 and s.forward_passes(p, 1) == sum(distinct)  # one row per pass
         assert int(s.prompt_lengths[p]) == len(rec.prompt_ids)
         assert bool(s.teacher_forced[p]) == (rec.behavior_logprobs is not None)
         assert s.pass_rate[p].item() == pytest.approx(statistics.mean(rec.rewards.tolist()))

@@ -20,7 +20,7 @@ def test_demo_small(cpu_env, tmp_path):
         **os.environ,
         "VIRTUAL_ENV": sys.prefix,  # the environment is there: demo.sh skips its setup step
         "DEMO_CACHE": str(tmp_path / "cache"), "DEMO_TARGETS": "mul compare",
-        "DEMO_PHASES": "2", "DEMO_STEPS_PER_PHASE": "2",
+        "DEMO_PHASES": "2", "DEMO_STEPS_PER_PHASE": "2", "DEMO_EVAL_STEPS": "4",
     }  # fmt: skip
     run = subprocess.run(
         ["bash", str(ROOT / "launch/local/demo.sh"), str(tmp_path / "run")],
