@@ -32,19 +32,22 @@ SEED=${DEMO_SEED:-0}
 # shellcheck source=launch/local/cpu_env.sh
 . "$ROOT/launch/local/cpu_env.sh"
 
-# Builds the suite (seeded) and checks that the shipped warm start was trained on it.
-MODEL=$(python -m openrlhf_cropi.demo.warm_start "$CACHE" | tail -n 1)
+# Builds the suite (seeded) and checks that the shipped warm start was trained on it, while Ray
+# starts. Actor and vLLM engine each take one logical Ray "GPU"; no reference model (KL
+# coefficient 0). One cluster serves every arm.
+checked=$(mktemp)
+python -m openrlhf_cropi.demo.warm_start "$CACHE" >"$checked" &
+check=$!
+start_ray 2
+trap stop_ray EXIT
+wait "$check"
+MODEL=$(tail -n 1 "$checked") && rm -f "$checked"
 SUITE=$CACHE/suite
 VAL_SETS=()
 for family in "${TARGETS[@]}"; do
   [ -f "$SUITE/val_$family.jsonl" ] || { echo "DEMO_TARGETS: no family '$family' in $SUITE" >&2; exit 2; }
   VAL_SETS+=("$SUITE/val_$family.jsonl")
 done
-
-# Actor and vLLM engine each take one logical Ray "GPU"; no reference model (KL coefficient 0).
-# One cluster serves every arm.
-start_ray 2
-trap stop_ray EXIT
 
 first=""
 for arm in "${ARMS[@]}"; do
@@ -60,9 +63,11 @@ for arm in "${ARMS[@]}"; do
   selector=$arm alpha=0.1
   if [ "$arm" = full ]; then selector=random alpha=1.0; fi
   echo "== arm $arm (selector $selector, alpha $alpha), log $run.log"
-  # float32 on CPU, like every local run (see grpo_smoke.sh).
+  # float32 on CPU, like every local run (see grpo_smoke.sh). No checkpoints: an unfinished arm
+  # restarts whole. vLLM's engine in the rollout actor's process (VLLM_ENABLE_V1_MULTIPROCESSING=0,
+  # as OpenRLHF's --train.full_determinism_enable sets it): two processes fewer to start per job.
   # shellcheck disable=SC2086
-  python -m openrlhf_cropi.cli.train_ppo_ray \
+  VLLM_ENABLE_V1_MULTIPROCESSING=0 python -m openrlhf_cropi.cli.train_ppo_ray \
     --actor.model_name_or_path "$MODEL" \
     --reward.remote_url "$ROOT/openrlhf_cropi/demo/reward.py" \
     --data.prompt_dataset "$SUITE/pool.jsonl" --data.input_key prompt --data.label_key label \
@@ -75,7 +80,7 @@ for arm in "${ARMS[@]}"; do
     --ds.zero_stage 2 --ds.param_dtype fp32 --ds.attn_implementation eager \
     --train.num_episodes 1 --train.seed "$SEED" \
     --eval.dataset "$SUITE/test.jsonl" --eval.steps "${DEMO_EVAL_STEPS:-8}" --eval.temperature 1.0 --eval.n_samples_per_prompt 8 \
-    --ckpt.path "$run/ckpt" --ckpt.save_steps 4 --ckpt.output_dir "$run/final" \
+    --ckpt.path "$run/ckpt" --ckpt.save_steps -1 --ckpt.best_metric_key none --ckpt.output_dir "$run/final" \
     --logger.tensorboard_dir "$run/tensorboard" \
     --cropi.enable --cropi.selector "$selector" --cropi.alpha "$alpha" \
     --cropi.val_datasets "${VAL_SETS[@]}" \

@@ -34,7 +34,8 @@ MAX_TOKENS = 40  # forces several micro-batches per prompt
 
 def _items(model_dir, behavior_dir):
     """5 prompts x 3 responses of uneven lengths, rewards with variance, behavior log-probs from
-    another model (so every importance ratio differs from 1)."""
+    another model (so every importance ratio differs from 1). Prompt 3's last response copies its
+    first: one row fewer on rank 1 of 2, which ZeRO-3's pass counts must know in advance."""
     from transformers import AutoModelForCausalLM
 
     gen = torch.Generator().manual_seed(0)
@@ -43,6 +44,8 @@ def _items(model_dir, behavior_dir):
     for n in range(5):
         prompt = torch.randint(3, 400, (4 + n,), generator=gen)
         responses = [torch.randint(3, 400, (3 + 2 * k + n,), generator=gen) for k in range(3)]
+        if n == 3:
+            responses[2] = responses[0].clone()
         rewards = torch.tensor([1.0, 0.0, 0.5]) if n % 2 else torch.tensor([0.0, 1.0, 1.0])
         behavior = behavior_log_probs(causal_lm_log_prob_fn(behavior_model), prompt, responses, MAX_TOKENS, "cpu")
         items.append({"prompt_ids": prompt, "responses": responses, "rewards": rewards, "behavior": behavior})
