@@ -174,7 +174,7 @@ def gradient_stream(model, row: dict, on_gradient) -> None:
     log_probs = log_prob_fn(ids, attn, act)
     adv = group_advantages(torch.tensor(row["rewards"]))
     # Behavior = the policy's own log-probs, detached: rho = 1 exactly, the phase-0 gradient.
-    objective = surrogate_objective(log_probs, log_probs.detach(), act, adv, len(responses))
+    objective = surrogate_objective(log_probs, log_probs.detach(), act, adv / len(responses))
     stream_gradients(objective, list(model.parameters()), on_gradient)
 
 

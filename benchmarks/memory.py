@@ -120,14 +120,14 @@ def measure(shape: str, mode: str, k: int, prompt_len: int, response_len: int, c
         ids, attn, act = pack_micro_batch(prompt, responses, "cpu")
         adv = torch.tensor(rewards) - 0.5
         beh = torch.nn.utils.rnn.pad_sequence(behavior, batch_first=True)
-        surrogate_objective(fn(ids, attn, act), beh, act, adv, k).backward()
+        surrogate_objective(fn(ids, attn, act), beh, act, adv / k).backward()
         model.zero_grad(set_to_none=True)  # after the peak: what the step held is measured
 
     def floor() -> None:
         ids, attn, act = pack_micro_batch(prompt, responses, "cpu")
         adv = torch.tensor(rewards) - 0.5
         beh = torch.nn.utils.rnn.pad_sequence(behavior, batch_first=True)
-        stream_gradients(surrogate_objective(fn(ids, attn, act), beh, act, adv, k), params, lambda i, grad: None)
+        stream_gradients(surrogate_objective(fn(ids, attn, act), beh, act, adv / k), params, lambda i, grad: None)
 
     def influence() -> None:
         projected_gradient(fn, params, projector, prompt, responses, rewards, behavior, budget, "cpu")

@@ -3,7 +3,7 @@
 Writes a store of P prompts x K responses x about L tokens (random tokens and log-probs, 0/1
 rewards, no model; log beta only for prompts with reward variance, as the behavior pass
 stores it), then, in a fresh process, runs what the trainer does in a phase besides the policy
-ranks' gradients: the store summary (rewards, lengths, flags), chunk-wise float32 scoring of
+ranks' gradients: the store summary (rewards, flags), chunk-wise float32 scoring of
 every usable pool prompt against V validation targets, reciprocal rank fusion and top-alpha
 selection, the phase record (JSON). The projected gradients, the ranks' work that needs a
 model, are rows of a fixed random bank here, so the times are the driver's own. Prints each

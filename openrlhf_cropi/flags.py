@@ -1,7 +1,8 @@
 """The `--cropi.*` flags: one typed, validated dataclass, registered on OpenRLHF's own parser.
 
 Each field of `CropiArgs` is one flag (`--cropi.<field>`); its help is the field's metadata.
-`check_host_args` rejects OpenRLHF settings CROPI cannot work with, naming the flag.
+`check_host_args` rejects OpenRLHF settings CROPI cannot work with, naming the flag;
+`objective_of` is what the job trains, in the terms CROPI scores it with.
 """
 
 from __future__ import annotations
@@ -12,8 +13,18 @@ import os
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
+from openrlhf_cropi.core.advantages import ESTIMATORS, Objective
 from openrlhf_cropi.core.projection import check_dense_cost
 
+SUPPORTED_OPENRLHF = "0.11.2"
+# Why an estimator's advantages cannot be computed from one prompt's K behavior rollouts.
+_UNSCORABLE = {
+    "gae": "its advantages come from a critic's values",
+    "reinforce": "its advantages are whitened over the whole rollout batch",
+    "reinforce_baseline": "its advantages are whitened over the whole rollout batch (a batch-dependent shift that "
+    "gives even prompts without reward variance a gradient)",
+    "flash_reinforce": "its baseline is the mean reward of the whole rollout batch",
+}
 SELECTORS = ("influence", "random", "learnability", "pass_rate")
 PROJECTORS = ("sjlt", "gaussian", "rademacher")
 
@@ -85,7 +96,11 @@ class CropiArgs:
     seed: int = _flag(
         0, "Seed of the coordinate subset, the projection, the validation cap and the selectors' tie-break order."
     )
-    store_dir: str = _flag(None, "Rollouts, scores and selections (default: <--ckpt.path>/cropi).")
+    store_dir: str = _flag(
+        None,
+        "Rollouts, scores and selections (default: <--ckpt.path>/cropi). One job writes it at a time; a store made "
+        "from other data or settings is refused.",
+    )
     selector: str = _flag(
         "influence", "How the subset is chosen; the baselines run through the identical pipeline.", choices=SELECTORS
     )
@@ -172,7 +187,65 @@ def check_host_args(args: SimpleNamespace) -> None:
     for bad, message in unsupported:
         if bad:
             raise CropiFlagError(message)
+    estimator = args.algo.advantage.estimator
+    if estimator not in ESTIMATORS:
+        raise CropiFlagError(
+            f"--algo.advantage.estimator {estimator}: CROPI scores each prompt with the advantages training gives its "
+            f"own K behavior responses, and {_UNSCORABLE.get(estimator, 'it is not implemented')}; use "
+            f"{', '.join(ESTIMATORS)} (the paper's GRPO: group_norm)"
+        )
+    if args.actor.policy_loss_type != "ppo":
+        raise CropiFlagError(
+            f"--actor.policy_loss_type {args.actor.policy_loss_type}: its sequence-level ratio (the geometric mean of "
+            "the token ratios) weighs an off-policy response otherwise than the per-token ratios CROPI scores with; "
+            "use ppo"
+        )
+    if args.algo.kl.init_coef > 0 and not args.algo.kl.use_loss:
+        raise CropiFlagError(
+            f"--algo.kl.init_coef {args.algo.kl.init_coef} without --algo.kl.use_loss: the KL penalty then enters "
+            "every token's reward and so the advantages, which CROPI cannot score from the behavior rollouts; add "
+            "--algo.kl.use_loss (the paper's GRPO: a KL loss, which CROPI leaves out like the entropy term) or set "
+            "--algo.kl.init_coef 0"
+        )
+    objective_of(args)
     _check_validation_columns(args)
+
+
+def objective_of(args: SimpleNamespace) -> Objective:
+    """The job's training objective as CROPI scores it (core.advantages.Objective); raises
+    CropiFlagError naming the flag when OpenRLHF's settings make no valid one."""
+    reward = args.reward
+    try:
+        return Objective(
+            estimator=args.algo.advantage.estimator,
+            loss_agg_mode=args.actor.loss_agg_mode,
+            reward_clip=tuple(reward.clip_range) if reward.clip_range else None,
+            overlong_buffer_len=reward.overlong_buffer_len,
+            overlong_penalty_factor=reward.overlong_penalty_factor,
+            # OpenRLHF's own fallback for the overlong penalty's limit.
+            max_new_tokens=args.rollout.max_new_tokens or args.data.max_len,
+            stop_properly_penalty_coef=reward.stop_properly_penalty_coef,
+        )
+    except ValueError as error:
+        flag = {"estimator": "--algo.advantage.estimator", "loss_agg_mode": "--actor.loss_agg_mode",
+                "reward_clip": "--reward.clip_range", "overlong_buffer_len": "--reward.overlong_buffer_len",
+                "stop_properly_penalty_coef": "--reward.stop_properly_penalty_coef"}[str(error).split()[0]]  # fmt: skip
+        raise CropiFlagError(f"{flag}: {error}") from None
+
+
+def check_openrlhf_version() -> None:
+    """The plugin reaches into OpenRLHF's internals: another version must not run silently."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        found = version("openrlhf")
+    except PackageNotFoundError:
+        found = "none"
+    if found != SUPPORTED_OPENRLHF:
+        raise CropiFlagError(
+            f"openrlhf {found} is installed; openrlhf-cropi works with openrlhf {SUPPORTED_OPENRLHF} only "
+            f"(pip install openrlhf=={SUPPORTED_OPENRLHF})"
+        )
 
 
 def _check_validation_columns(args: SimpleNamespace) -> None:

@@ -88,6 +88,7 @@ def build_tiny_model(
     intermediate_size: int = 256,
     max_position_embeddings: int = 1024,
     seed: int = 0,
+    tie_word_embeddings: bool = False,
 ) -> Path:
     """Write tokenizer, config, generation config and float32 safetensors weights to out_dir."""
     head_dim, rest = divmod(hidden_size, num_attention_heads)
@@ -112,9 +113,9 @@ def build_tiny_model(
         num_key_value_heads=num_key_value_heads,
         head_dim=head_dim,
         max_position_embeddings=max_position_embeddings,
-        # Untied, like the larger Qwen2.5 models: lm_head is its own tensor in the checkpoint,
-        # which is the simplest case for vLLM's loader and OpenRLHF's weight broadcast.
-        tie_word_embeddings=False,
+        # Untied by default, like the larger Qwen2.5 models (lm_head its own tensor in the
+        # checkpoint); tied like Qwen2.5-0.5B/1.5B and SmolLM2 for the tests of that case.
+        tie_word_embeddings=tie_word_embeddings,
         bos_token_id=None,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

@@ -46,10 +46,11 @@ from typing import Any, Callable, Iterator
 import torch
 from tqdm import tqdm
 
+from ..core.advantages import ESTIMATORS, LOSS_AGG_MODES, Objective
 from ..core.gradients import behavior_log_probs, causal_lm_log_prob_fn, projected_gradient
 from ..core.projection import KINDS, SparseProjector
 from ..core.scoring import METHODS, choose_validation, pool_cosines, select_prompts, validation_vector
-from ..core.store import PromptRollouts, RolloutStore, StoreError
+from ..core.store import PromptRollouts, RolloutStore, StoreError, reward_source
 
 SCORES_FORMAT, SCORES_VERSION = "cropi-scores", 1
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -272,6 +273,7 @@ def cmd_generate(a: argparse.Namespace) -> None:
     meta = {
         "source": str(src.resolve()),
         "model": a.model,
+        "reward": reward_source(a.reward),
         "apply_chat_template": a.apply_chat_template,
         "input_key": a.input_key,
         "label_key": a.label_key,
@@ -309,13 +311,14 @@ def _generate(store: RolloutStore, a: argparse.Namespace, src: Path, todo: list,
             for (index, lineno, row), text, ids, out in zip(batch, texts, prompt_ids, outputs):
                 label = row[a.label_key] if a.label_key else ""
                 responses = [list(o.token_ids) for o in out.outputs]
+                truncated = [o.finish_reason == "length" for o in out.outputs]
                 # One query at a time, as OpenRLHF's SingleTurnAgentExecutor calls reward_func.
                 rewards = [
                     _one_reward(reward_func, tokenizer.decode(ids + r, skip_special_tokens=False), text, label,
                                 f"{src}:{lineno} ({a.reward}, response {k})")
                     for k, r in enumerate(responses)
                 ]  # fmt: skip
-                writer.add(PromptRollouts(index, text, label, row, ids, responses, rewards))
+                writer.add(PromptRollouts(index, text, label, row, ids, responses, rewards, truncated=truncated))
                 bar.update(1)
 
 
@@ -325,8 +328,10 @@ def _generate(store: RolloutStore, a: argparse.Namespace, src: Path, todo: list,
 class _Scorer:
     """Projected off-policy gradients at the scoring checkpoint, one prompt at a time."""
 
-    def __init__(self, model: torch.nn.Module, projector: SparseProjector, device: torch.device, max_tokens: int | None):
+    def __init__(self, model: torch.nn.Module, projector: SparseProjector, device: torch.device, max_tokens: int | None,
+                 objective: Objective):  # fmt: skip
         self.model, self.projector, self.device, self.max_tokens = model, projector, device, max_tokens
+        self.objective = objective
         self.params = [p for p in model.parameters() if p.requires_grad]
 
     def projected(self, store: RolloutStore, rec: PromptRollouts) -> torch.Tensor | None:
@@ -336,7 +341,7 @@ class _Scorer:
         max_tokens = self.max_tokens or store.meta["max_tokens"]
         vec = projected_gradient(
             log_prob_fn, self.params, self.projector, rec.prompt_ids, rec.responses, rec.rewards,
-            rec.behavior_logprobs, max_tokens, self.device,
+            rec.behavior_logprobs, max_tokens, self.device, truncated=rec.truncated, objective=self.objective,
         )  # fmt: skip
         return vec if bool(torch.isfinite(vec).all()) else None
 
@@ -354,7 +359,7 @@ def _check_forced(store: RolloutStore, indices: list[int], why: str) -> None:
 def _validation_target(scorer: _Scorer, store: RolloutStore, path: str, cap: int, seed: int) -> tuple[torch.Tensor, dict]:
     if len(store) == 0:
         raise CliError(f"validation set {path} is empty")
-    summary = store.summary()
+    summary = store.summary(scorer.objective)
     candidates = summary.index[summary.usable].tolist()
     if not candidates:
         raise CliError(f"validation set {path}: all {len(store)} prompts have zero reward variance or a zero gradient")
@@ -393,7 +398,11 @@ def cmd_score(a: argparse.Namespace) -> None:
         projector = SparseProjector(total, a.keep_ratio, a.proj_dim, a.projector, a.seed, a.sjlt_nnz)
     except ValueError as e:
         raise CliError(f"projection: {e}") from None
-    scorer = _Scorer(model, projector, device, a.max_tokens)
+    try:
+        objective = Objective(estimator=a.estimator, loss_agg_mode=a.loss_agg_mode)
+    except ValueError as e:
+        raise CliError(str(e)) from None
+    scorer = _Scorer(model, projector, device, a.max_tokens, objective)
 
     targets, val_info = [], []
     for path, store in zip(a.val, vals):
@@ -401,7 +410,7 @@ def cmd_score(a: argparse.Namespace) -> None:
         targets.append(target)
         val_info.append(info)
 
-    summary = train.summary()
+    summary = train.summary(objective)
     index = summary.index.tolist()
     candidates = torch.nonzero(summary.usable).flatten().tolist()  # positions in the summary
     _check_forced(train, [index[p] for p in candidates], "with a gradient")
@@ -473,7 +482,10 @@ def cmd_select(a: argparse.Namespace) -> None:
     ]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        chosen, _ = select_prompts(a.method, a.alpha, usable, pass_rate, cosines, scored, a.rrf_k, a.seed)
+        try:
+            chosen, _ = select_prompts(a.method, a.alpha, usable, pass_rate, cosines, scored, a.rrf_k, a.seed)
+        except ValueError as e:
+            raise CliError(f"{a.scores}: {e}") from None
     for w in caught:
         _log(f"warning: {w.message}")
     store = _open_store(data["train"])
@@ -547,6 +559,10 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--seed", type=int, default=0, help="projection seed and validation-subset seed")
     sc.add_argument("--val-cap", type=int, default=100, help="validation prompts per set (<= 0: all)")
     sc.add_argument("--max-tokens", type=int, default=None, help="micro-batch token budget (default: each store's)")
+    sc.add_argument("--estimator", choices=ESTIMATORS, default="group_norm",
+                    help="advantage estimator of the training job (its --algo.advantage.estimator)")
+    sc.add_argument("--loss-agg-mode", choices=LOSS_AGG_MODES, default="seq-mean-token-mean",
+                    help="loss aggregation of the training job (its --actor.loss_agg_mode)")
     sc.add_argument("--out", required=True, help="scores JSON file")
     _model_args(sc)
     sc.set_defaults(func=cmd_score)

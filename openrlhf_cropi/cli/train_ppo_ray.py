@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from types import SimpleNamespace
 from unittest import mock
 
-from openrlhf_cropi.flags import CropiFlagError, add_cropi_flags, check_host_args, cropi_args
+from openrlhf_cropi.flags import CropiFlagError, add_cropi_flags, check_host_args, check_openrlhf_version, cropi_args
 
 PROG = "train_ppo_ray"
 _parse_args = argparse.ArgumentParser.parse_args
@@ -76,12 +76,37 @@ def parse_args(argv: Sequence[str]) -> SimpleNamespace:
     if args.cropi.enable:
         cropi_args(args)
         check_host_args(args)
+    else:
+        given = next((a.split("=")[0] for a in argv if a.startswith("--cropi.")), None)
+        if given is not None:  # argparse also takes unambiguous abbreviations: any --cropi. prefix counts
+            raise CropiFlagError(
+                f"{given}: given without --cropi.enable, which would run plain OpenRLHF with CROPI off; add "
+                "--cropi.enable, or drop the --cropi.* flags"
+            )
     return args
+
+
+def _refuse_openrlhf_class(name: str):
+    def refuse(*_, **__):
+        raise RuntimeError(
+            f"CROPI: the job started OpenRLHF's own {name} instead of CROPI's, so it would train without CROPI: "
+            f"this openrlhf's train_ppo_ray does not take {name} from where openrlhf-cropi replaces it"
+        )
+
+    return refuse
+
+
+def _tripwires(*actor_classes) -> list:
+    """Patches that make OpenRLHF's original Ray actor classes fail on use: if the class swap
+    lands on a name train() no longer reads, the job stops instead of silently running without CROPI."""
+    return [mock.patch.object(cls, attr, _refuse_openrlhf_class(cls.__ray_actor_class__.__name__))
+            for cls in actor_classes for attr in ("remote", "options")]  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        check_openrlhf_version()
         args = parse_args(argv)
     except CropiFlagError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
@@ -90,15 +115,20 @@ def main(argv: Sequence[str] | None = None) -> None:
         _run_openrlhf_cli(argv)
         return
 
+    import openrlhf.trainer.ppo_trainer as ppo_trainer
+    import openrlhf.trainer.ray.ppo_actor as ppo_actor
+
     from openrlhf_cropi.ray.policy_actor import CropiPolicyModelActor
     from openrlhf_cropi.ray.trainer import CropiPPOTrainer
 
+    originals = (ppo_actor.PolicyModelActor, ppo_trainer.PPOTrainer)
     _run_openrlhf_cli(
         argv,
+        *_tripwires(*originals),
         # Bound by `from ... import PolicyModelActor` when the CLI module runs.
-        mock.patch("openrlhf.trainer.ray.ppo_actor.PolicyModelActor", CropiPolicyModelActor),
+        mock.patch.object(ppo_actor, "PolicyModelActor", CropiPolicyModelActor),
         # Imported inside train().
-        mock.patch("openrlhf.trainer.ppo_trainer.PPOTrainer", CropiPPOTrainer),
+        mock.patch.object(ppo_trainer, "PPOTrainer", CropiPPOTrainer),
     )
 
 

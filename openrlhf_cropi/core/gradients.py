@@ -3,12 +3,14 @@
 For a prompt s with K stored responses y_k, rewards r_k and behavior log-probs log beta:
 
     rho_{k,t} = exp(log pi_theta(y_{k,t} | .) - log beta(y_{k,t} | .))
-    J(theta)  = (1/K) sum_k (1/|y_k|) sum_t rho_{k,t} A_k        (= -L of the method doc)
+    J(theta)  = sum_k w_k (1/|y_k|) sum_t rho_{k,t}                (= -L of the method doc)
     g_s       = grad_theta J                                       (no clipping, no KL term)
 
-Only response tokens count. Identical responses have identical ratios, so each distinct
-response is one row, weighted by the summed advantages of its copies (``first_copies``: half
-the rows of the demo's rollouts). The rows are packed into micro-batches of at most
+with w_k the response's weight in the objective the job trains (``advantages.Objective``:
+length penalties, the advantage estimator, the loss aggregation; the method's GRPO is
+w_k = A_k / K). Only response tokens count. Identical responses have identical ratios, so each
+distinct response is one row, weighted by the summed weights of its copies (``first_copies``:
+half the rows of the demo's rollouts). The rows are packed into micro-batches of at most
 ``max_tokens`` padded tokens; J is a sum over rows, so the micro-batch gradients add up to g_s
 exactly. ``projected_gradient`` returns P g_s without ever holding g_s: each
 parameter's gradient is projected the moment autograd produces it (a hook on the parameter)
@@ -41,7 +43,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from .advantages import first_copies, group_advantages, zero_variance
+from .advantages import Objective, first_copies, row_weights, zero_variance
 from .projection import SparseProjector
 
 LogProbFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -194,23 +196,18 @@ def forward_passes(prompt_length: int, response_lengths: Sequence[int], distinct
 
 
 def surrogate_objective(
-    log_probs: torch.Tensor,
-    behavior: torch.Tensor,
-    action_mask: torch.Tensor,
-    advantages: torch.Tensor,
-    num_responses: int,
+    log_probs: torch.Tensor, behavior: torch.Tensor, action_mask: torch.Tensor, weights: torch.Tensor
 ) -> torch.Tensor:
-    """This micro-batch's share of J = (1/K) sum_k A_k mean_t rho_{k,t}; shares add up to J.
+    """This micro-batch's share of J = sum_k w_k mean_t rho_{k,t}; shares add up to J.
 
-    log_probs, behavior, action_mask: [B, A]; advantages: [B] (a row's: those of all its copies);
-    num_responses: K of the prompt.
+    log_probs, behavior, action_mask: [B, A]; weights: [B] (a row's: those of all its copies).
     """
     mask = action_mask.bool()
     # Zero the log-ratio on padding before exp: exp(garbage) * 0 could be inf * 0 = nan.
     log_ratio = (log_probs - behavior).masked_fill(~mask, 0.0)
     rho = torch.exp(log_ratio) * mask
     per_response = rho.sum(-1) / mask.sum(-1)
-    return (advantages * per_response).sum() / num_responses
+    return (weights * per_response).sum()
 
 
 def micro_batch_objectives(
@@ -221,8 +218,14 @@ def micro_batch_objectives(
     behavior: Sequence[torch.Tensor],
     max_tokens: int,
     device: torch.device | str,
+    *,
+    truncated: Sequence[bool] | None = None,
+    objective: Objective = Objective(),
 ) -> Iterator[torch.Tensor]:
-    """Each micro-batch's share of J, with its graph; nothing for a zero-variance prompt (g_s = 0)."""
+    """Each micro-batch's share of J, with its graph; nothing where every weight is 0 (g_s = 0).
+
+    ``truncated``: which responses the engine cut at the length limit (for
+    ``objective.stop_properly_penalty_coef``)."""
     _check_rollouts(prompt_ids, responses)
     rewards = torch.as_tensor(rewards)
     if not (len(responses) == len(behavior) == len(rewards)):
@@ -233,12 +236,12 @@ def micro_batch_objectives(
     for k, (r, b) in enumerate(zip(responses, behavior)):
         if len(r) != len(b):
             raise ValueError(f"response {k}: {len(r)} tokens but {len(b)} behavior log-probs")
-    if bool(zero_variance(rewards)):
+    lengths = [len(r) for r in responses]
+    if bool(zero_variance(objective.rewards(rewards, lengths, truncated))):
         return iter(())
     first = first_copies(responses)
-    # A distinct response's row carries the advantages of all its copies (the first copy's log beta).
-    advantages = group_advantages(rewards)
-    weights = torch.zeros_like(advantages).index_add_(0, torch.tensor(first), advantages)
+    # A distinct response's row carries the weights of all its copies (the first copy's log beta).
+    weights = row_weights(first, objective.weights(rewards, lengths, truncated))
 
     def objectives() -> Iterator[torch.Tensor]:
         for ks in _distinct_micro_batches(responses, first, len(prompt_ids), max_tokens):
@@ -246,8 +249,7 @@ def micro_batch_objectives(
             beh = torch.zeros(act.shape, dtype=torch.float32)
             for row, k in enumerate(ks):
                 beh[row, : len(behavior[k])] = behavior[k]
-            yield surrogate_objective(log_prob_fn(ids, attn, act), beh.to(device), act, weights[ks].to(device),
-                                      len(responses))  # fmt: skip
+            yield surrogate_objective(log_prob_fn(ids, attn, act), beh.to(device), act, weights[ks].to(device))
 
     return objectives()  # a generator inside, so that bad input raises at the call
 
@@ -285,6 +287,9 @@ def prompt_gradient(
     behavior: Sequence[torch.Tensor],
     max_tokens: int,
     device: torch.device | str,
+    *,
+    truncated: Sequence[bool] | None = None,
+    objective: Objective = Objective(),
 ) -> list[torch.Tensor]:
     """g_s = grad J of one prompt, as float32 tensors aligned with ``params``.
 
@@ -292,8 +297,9 @@ def prompt_gradient(
     A zero-variance prompt returns zeros without running the model (its gradient is exactly 0).
     """
     grads = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in params]
-    for objective in micro_batch_objectives(log_prob_fn, prompt_ids, responses, rewards, behavior, max_tokens, device):
-        stream_gradients(objective, params, lambda i, grad: grads[i].add_(grad))
+    for share in micro_batch_objectives(log_prob_fn, prompt_ids, responses, rewards, behavior, max_tokens, device,
+                                        truncated=truncated, objective=objective):  # fmt: skip
+        stream_gradients(share, params, lambda i, grad: grads[i].add_(grad))
     return grads
 
 
@@ -308,6 +314,9 @@ def projected_gradient(
     max_tokens: int,
     device: torch.device | str,
     numels: Sequence[int] | None = None,
+    *,
+    truncated: Sequence[bool] | None = None,
+    objective: Objective = Objective(),
 ) -> torch.Tensor:
     """P g_s of one prompt: [d] float32 on ``device``, with no model-sized buffer (module doc).
 
@@ -332,6 +341,7 @@ def projected_gradient(
             raise RuntimeError(f"parameter {i}: gradient of {grad.numel():,} coordinates, expected {numels[i]:,}")
         projector.accumulate(acc, grad.reshape(-1), offsets[i])
 
-    for objective in micro_batch_objectives(log_prob_fn, prompt_ids, responses, rewards, behavior, max_tokens, device):
-        stream_gradients(objective, params, project)
+    for share in micro_batch_objectives(log_prob_fn, prompt_ids, responses, rewards, behavior, max_tokens, device,
+                                        truncated=truncated, objective=objective):  # fmt: skip
+        stream_gradients(share, params, project)
     return projector.finish(acc)

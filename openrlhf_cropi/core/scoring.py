@@ -220,4 +220,11 @@ def select_prompts(
     else:
         eligible = usable
         scores = -pass_rate.double()
-    return select_top(scores, n, eligible, tie_break), scores
+    selected = select_top(scores, n, eligible, tie_break)
+    if not selected:  # never an empty subset: a sampler with nothing to draw would fail hours later
+        raise ValueError(
+            f"{method}: no prompt can be selected: of {n_pool} pool prompts {int(usable.sum())} have reward "
+            f"variance and a gradient, {int(eligible.sum())} of them "
+            + ("were scored with a finite gradient" if method == "influence" else "are eligible")
+        )
+    return selected, scores

@@ -1,17 +1,18 @@
 """On-disk rollout store: K responses per prompt with rewards, and behavior log-probs where needed.
 
-Format (version 2) of a store directory S::
+Format (version 3) of a store directory S::
 
-    S/meta.json            {"format": "cropi-rollouts", "version": 2, "meta": {...}}
+    S/meta.json            {"format": "cropi-rollouts", "version": 3, "meta": {...}}
                            ``meta`` records how the rollouts were made (model, temperatures,
                            chat template, ...); written once, when the store is created.
     S/chunk-000000.pt      rollouts: one chunk per ``append``, numbered from 0 (gaps allowed)
     S/behavior-000000.pt   behavior log-probs (log beta) of prompts stored in rollout chunks,
     ...                    one chunk per ``append_behavior``
+    S/.lock                held (``fcntl.flock``) by the one process that writes the store
 
 Every chunk is a ``torch.save`` dict readable with ``torch.load(weights_only=True)``. Rollout chunk::
 
-    "version"           2
+    "version"           3
     "index"             int64 [P]     prompt indices (position of the prompt in its source)
     "text"              list[str] P   prompt text exactly as fed to the model
     "label"             list[str] P   JSON encoding of each label
@@ -21,17 +22,16 @@ Every chunk is a ``torch.save`` dict readable with ``torch.load(weights_only=Tru
     "num_responses"     int64 [P]     K of each prompt
     "response_offsets"  int64 [R+1]   R = sum K; response j's tokens likewise
     "response_tokens"   int32
-    "rewards"           float32 [R]
-    "zero_gradient"     bool [P]      rewards vary but the gradient is 0 at every theta
-                                      (``advantages.zero_gradient``), kept so that selection
-                                      never reads tokens
+    "rewards"           float32 [R]   as the reward function returned them (no length penalty)
+    "truncated"         bool [R]      the engine stopped the response at the length limit
+                                      (finish_reason "length"; for OpenRLHF's stop-properly penalty)
     "sampling_logprobs" float32 [T]   optional, T = len(response_tokens): the engine's own
                                       log-probs of the sampled tokens (a check on log beta);
                                       present when every prompt of the chunk has them
 
 Behavior chunk::
 
-    "version"           2
+    "version"           3
     "index"             int64 [P]     prompts, each already in a rollout chunk
     "offsets"           int64 [P+1]   prompt p's log-probs: logprobs[off[p]:off[p+1]], one per
                                       response token, its responses in stored order
@@ -41,41 +41,54 @@ A prompt without behavior log-probs was not teacher-forced; that absence is the 
 teacher-force only prompts that can be scored: never one with zero reward variance or a zero
 gradient, and of a validation set only the seeded choice that is scored.
 
-Responses are stored prompt after prompt, in order. Each chunk is written to a temporary name
-in S and moved into place with ``os.replace`` (after fsync), so a chunk file is either complete
-or absent: an interrupted write loses at most the chunk in flight, and leftover ``.tmp`` files
-are ignored. A prompt appears at most once among the rollout chunks and at most once among the
-behavior chunks. One writer at a time (there is no lock).
+Version 2 stores (no truncation flags) are refused: make the rollouts again.
 
-``summary()`` keeps what selection needs (rewards, lengths, flags: a few bytes per response),
-not tokens or log-probs, so its memory does not grow with response length.
+Responses are stored prompt after prompt, in order. Each chunk is written to a temporary name
+in S, fsynced, and published under its final name with ``os.link``, which fails rather than
+overwrite a chunk another writer published; then S itself is fsynced. A chunk file is either
+complete or absent: an interrupted write loses at most the chunk in flight, and leftover
+``.tmp`` files are ignored. A prompt appears at most once among the rollout chunks and at most
+once among the behavior chunks. One writer at a time: ``RolloutStore.create`` takes the store's
+lock (``flock``, so the kernel releases it when its holder dies) and a second writer stops at
+once naming the holder; readers (``RolloutStore(path)``) take no lock.
+
+``summary(objective)`` keeps what selection needs (rewards as training sees them and flags: a
+few bytes per response), not tokens or log-probs, so its memory does not grow with
+response length.
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
 import os
 import re
+import socket
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
-from .advantages import first_copies, zero_gradient
-from .gradients import forward_passes
+from .advantages import Objective, first_copies, zero_gradient, zero_variance
 
-FORMAT, VERSION = "cropi-rollouts", 2
+FORMAT, VERSION = "cropi-rollouts", 3
 _CHUNK = re.compile(r"^chunk-(\d+)\.pt$")
 _BEHAVIOR = re.compile(r"^behavior-(\d+)\.pt$")
 _ROLLOUT_KEYS = {"version", "index", "text", "label", "row", "prompt_offsets", "prompt_tokens", "num_responses",
-                 "response_offsets", "response_tokens", "rewards", "zero_gradient"}  # fmt: skip
+                 "response_offsets", "response_tokens", "rewards", "truncated"}  # fmt: skip
 _BEHAVIOR_KEYS = {"version", "index", "offsets", "logprobs"}
 _SAMPLING = "sampling_logprobs"  # the one optional key (of rollout chunks)
 
 
 class StoreError(ValueError):
     """A malformed store or record (message names the file and what is wrong)."""
+
+
+class StoreBusyError(StoreError):
+    """Another process holds the store's writer lock (message names the store and the holder)."""
 
 
 def _long(x: Any) -> torch.Tensor:
@@ -88,7 +101,8 @@ def _float(x: Any) -> torch.Tensor:
 
 @dataclass
 class PromptRollouts:
-    """One prompt with its K responses; ``behavior_logprobs`` None where not teacher-forced,
+    """One prompt with its K responses; ``truncated`` (None: none was) says which the engine
+    stopped at the length limit; ``behavior_logprobs`` None where not teacher-forced,
     ``sampling_logprobs`` (what the engine reported for the tokens it sampled) None where not
     recorded. Lists are converted to tensors; lengths are validated."""
 
@@ -101,21 +115,24 @@ class PromptRollouts:
     rewards: torch.Tensor
     behavior_logprobs: list[torch.Tensor] | None = field(default=None, repr=False)
     sampling_logprobs: list[torch.Tensor] | None = field(default=None, repr=False)
+    truncated: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         self.prompt_ids = _long(self.prompt_ids)
         self.responses = [_long(r) for r in self.responses]
         self.rewards = _float(self.rewards)
+        k = len(self.responses)
+        self.truncated = torch.zeros(k, dtype=torch.bool) if self.truncated is None else torch.as_tensor(
+            self.truncated, dtype=torch.bool).reshape(-1)  # fmt: skip
         where = f"prompt {self.index}"
         if self.index < 0:
             raise StoreError(f"{where}: negative index")
         if len(self.prompt_ids) == 0:
             raise StoreError(f"{where}: empty prompt")
-        k = len(self.responses)
         if k == 0:
             raise StoreError(f"{where}: no responses")
-        if len(self.rewards) != k:
-            raise StoreError(f"{where}: {k} responses, {len(self.rewards)} rewards")
+        if len(self.rewards) != k or len(self.truncated) != k:
+            raise StoreError(f"{where}: {k} responses, {len(self.rewards)} rewards, {len(self.truncated)} truncation flags")
         for j, r in enumerate(self.responses):
             if len(r) == 0:
                 raise StoreError(f"{where}: response {j} is empty")
@@ -148,16 +165,14 @@ def _check_logprobs(
 class RolloutSummary:
     """What selection needs of a store, in ascending prompt index: no tokens, no log-probs.
 
-    Memory: 22 bytes per prompt plus 9 per response (94 bytes per prompt at K = 8), whatever
-    the response length.
+    ``rewards`` are those training sees (the objective's length penalties applied), so zero
+    variance, zero gradient, pass rates and every selector follow them. Memory: 18 bytes per
+    prompt plus 4 per response (50 bytes per prompt at K = 8), whatever the response length.
     """
 
     index: torch.Tensor  # int64 [P]
     offsets: torch.Tensor  # int64 [P+1]: prompt p's responses are rows offsets[p]:offsets[p+1] below
     rewards: torch.Tensor  # float32 [R]
-    response_lengths: torch.Tensor  # int32 [R]
-    first_copy: torch.Tensor  # bool [R]: no earlier response of its prompt has the same tokens
-    prompt_lengths: torch.Tensor  # int32 [P]
     zero_gradient: torch.Tensor  # bool [P]
     teacher_forced: torch.Tensor  # bool [P]
 
@@ -185,12 +200,6 @@ class RolloutSummary:
         """float64 [P]: mean reward (the behavior pass rate for 0/1 rewards)."""
         return self._per_prompt("mean")
 
-    def forward_passes(self, p: int, max_tokens: int) -> int:
-        """Micro-batches that teacher forcing or a gradient of prompt p runs (``gradients.forward_passes``)."""
-        rows = slice(int(self.offsets[p]), int(self.offsets[p + 1]))
-        return forward_passes(int(self.prompt_lengths[p]), self.response_lengths[rows].tolist(),
-                              self.first_copy[rows].tolist(), max_tokens)  # fmt: skip
-
 
 def _encode(records: Sequence[PromptRollouts]) -> dict:
     responses = [r for rec in records for r in rec.responses]
@@ -208,7 +217,7 @@ def _encode(records: Sequence[PromptRollouts]) -> dict:
         "response_offsets": torch.tensor([0] + response_lens, dtype=torch.long).cumsum(0),
         "response_tokens": torch.cat(responses).int(),
         "rewards": torch.cat([rec.rewards for rec in records]),
-        "zero_gradient": torch.tensor([zero_gradient(rec.responses, rec.rewards) for rec in records], dtype=torch.bool),
+        "truncated": torch.cat([rec.truncated for rec in records]),
     }
     if all(rec.sampling_logprobs is not None for rec in records):
         chunk[_SAMPLING] = torch.cat([lp for rec in records for lp in rec.sampling_logprobs])
@@ -239,7 +248,7 @@ def _check_chunk(c: Any, path: Path, keys: set) -> None:
         if len(off) != p + 1 or int(off[-1]) != len(c["logprobs"]) or (off.diff() <= 0).any():
             raise bad("offsets do not match the log-probs")
         return
-    if not (len(c["text"]) == len(c["label"]) == len(c["row"]) == len(c["num_responses"]) == len(c["zero_gradient"]) == p):
+    if not (len(c["text"]) == len(c["label"]) == len(c["row"]) == len(c["num_responses"]) == p):
         raise bad("per-prompt fields have different lengths")
     po, ro = c["prompt_offsets"], c["response_offsets"]
     n_resp = int(c["num_responses"].sum())
@@ -247,8 +256,8 @@ def _check_chunk(c: Any, path: Path, keys: set) -> None:
         raise bad("prompt offsets do not match prompt tokens")
     if len(ro) != n_resp + 1 or int(ro[-1]) != len(c["response_tokens"]) or (ro.diff() <= 0).any():
         raise bad("response offsets do not match response tokens")
-    if len(c["rewards"]) != n_resp:
-        raise bad("rewards do not match the responses")
+    if len(c["rewards"]) != n_resp or len(c["truncated"]) != n_resp:
+        raise bad("rewards or truncation flags do not match the responses")
     if _SAMPLING in c and len(c[_SAMPLING]) != len(c["response_tokens"]):
         raise bad("sampling log-probs do not match the response tokens")
 
@@ -274,6 +283,7 @@ class RolloutStore:
         self._where: dict[int, tuple[Path, int]] = {}
         self._behavior: dict[int, tuple[Path, int]] = {}
         self._loaded: dict[Path, dict] = {}  # the last rollout chunk and the last behavior chunk read
+        self._lock: _WriterLock | None = None  # held by stores made with ``create``: the one writer
         for chunk in self._paths(_CHUNK):
             self._register(chunk, self._where, "stored")
         for chunk in self._paths(_BEHAVIOR):
@@ -290,22 +300,25 @@ class RolloutStore:
 
     @classmethod
     def create(cls, path: str | Path, meta: dict, exist_ok: bool = False) -> "RolloutStore":
-        """Make a new store; with ``exist_ok`` reopen an existing one whose meta is identical."""
+        """Make a new store and hold its writer's lock; with ``exist_ok`` reopen an existing one
+        whose meta is identical. The lock lasts as long as the returned store (or its process)."""
         path = Path(path)
         header = {"format": FORMAT, "version": VERSION, "meta": json.loads(json.dumps(meta))}
+        if (path / "meta.json").exists() and not exist_ok:
+            raise StoreError(f"{path}: store already exists")
         if (path / "meta.json").exists():
-            if not exist_ok:
-                raise StoreError(f"{path}: store already exists")
-            store = cls(path)
-            if store.meta != header["meta"]:
-                diff = sorted(set(store.meta) | set(header["meta"]))
-                diff = [f"{k}={store.meta.get(k)!r} (now {header['meta'].get(k)!r})" for k in diff
-                        if store.meta.get(k) != header["meta"].get(k)]  # fmt: skip
+            made = cls(path).meta
+            if made != header["meta"]:
+                diff = sorted(set(made) | set(header["meta"]))
+                diff = [f"{k}={made.get(k)!r} (now {header['meta'].get(k)!r})" for k in diff
+                        if made.get(k) != header["meta"].get(k)]  # fmt: skip
                 raise StoreError(f"{path}: existing store was made with {', '.join(diff)}")
-            return store
-        path.mkdir(parents=True, exist_ok=True)
-        _atomic_write(path / "meta.json", lambda f: f.write(json.dumps(header, indent=1).encode()))
-        return cls(path)
+        lock = _WriterLock(path)
+        if not (path / "meta.json").exists():
+            _publish(path / "meta.json", lambda f: f.write(json.dumps(header, indent=1).encode()))
+        store = cls(path)  # listed under the lock: what the previous writer left
+        store._lock = lock
+        return store
 
     def _paths(self, pattern: re.Pattern) -> list[Path]:
         found = [(int(m.group(1)), p) for p in self.path.iterdir() if (m := pattern.match(p.name))]
@@ -338,6 +351,10 @@ class RolloutStore:
     def teacher_forced(self, index: int) -> bool:
         return index in self._behavior
 
+    def chunks_of(self, index: int) -> list[str]:
+        """The file names that hold a stored prompt: its rollout chunk, and its behavior chunk if any."""
+        return [where[index][0].name for where in (self._where, self._behavior) if index in where]
+
     def get(self, index: int) -> PromptRollouts:
         if index not in self._where:
             raise KeyError(f"{self.path}: prompt {index} not stored")
@@ -356,21 +373,18 @@ class RolloutStore:
             for i in self._load(chunk)["index"].tolist():
                 yield self.get(i)
 
-    def summary(self) -> RolloutSummary:
-        """Rewards, lengths and flags of every stored prompt, ascending index (see RolloutSummary)."""
+    def summary(self, objective: Objective = Objective()) -> RolloutSummary:
+        """Rewards as ``objective`` trains on them, lengths and flags of every stored prompt,
+        ascending index (see RolloutSummary). Reads each chunk's tokens once, for the copies."""
         parts = []
         for chunk in self._paths(_CHUNK):
             c = self._load(chunk)
-            parts.append((c["index"].clone(), c["num_responses"].clone(), c["rewards"].clone(),
-                          c["response_offsets"].diff().int(), _first_copy_flags(c), c["prompt_offsets"].diff().int(),
-                          c["zero_gradient"].clone()))  # fmt: skip
+            rewards, zero_grad = _shaped(c, objective)
+            parts.append((c["index"].clone(), c["num_responses"].clone(), rewards, zero_grad))
         if not parts:
             empty = torch.zeros(0, dtype=torch.long)
-            return RolloutSummary(empty, torch.zeros(1, dtype=torch.long), empty.float(), empty.int(), empty.bool(),
-                                  empty.int(), empty.bool(), empty.bool())  # fmt: skip
-        index, counts, rewards, response_lengths, first_copy, prompt_lengths, zero_grad = (
-            torch.cat(x) for x in zip(*parts)
-        )
+            return RolloutSummary(empty, torch.zeros(1, dtype=torch.long), empty.float(), empty.bool(), empty.bool())
+        index, counts, rewards, zero_grad = (torch.cat(x) for x in zip(*parts))
         order = torch.argsort(index)
         starts = (torch.cumsum(counts, 0) - counts)[order]
         counts = counts[order]
@@ -379,14 +393,21 @@ class RolloutStore:
         rows = torch.repeat_interleave(starts - offsets[:-1], counts) + torch.arange(int(offsets[-1]))
         index = index[order]
         forced = torch.tensor([i in self._behavior for i in index.tolist()], dtype=torch.bool)
-        return RolloutSummary(index, offsets, rewards[rows], response_lengths[rows], first_copy[rows],
-                              prompt_lengths[order], zero_grad[order], forced)  # fmt: skip
+        return RolloutSummary(index, offsets, rewards[rows], zero_grad[order], forced)
+
+    def prompts(self) -> Iterator[tuple[int, str, Any]]:
+        """(index, prompt text, label) of every stored prompt, in chunk order, without decoding tokens."""
+        for chunk in self._paths(_CHUNK):
+            c = self._load(chunk)
+            for i, text, label in zip(c["index"].tolist(), c["text"], c["label"]):
+                yield i, text, json.loads(label)
 
     def append(self, records: Sequence[PromptRollouts]) -> None:
         """Write ``records`` as one new rollout chunk (atomically), and the behavior log-probs
         they carry as one behavior chunk."""
         if not records:
             return
+        self._check_writer()
         seen: set[int] = set()
         for rec in records:
             if rec.index in self._where or rec.index in seen:
@@ -394,7 +415,7 @@ class RolloutStore:
             seen.add(rec.index)
         chunk = self._next(_CHUNK, "chunk")
         data = _encode(records)
-        _atomic_write(chunk, lambda f: torch.save(data, f))
+        _publish(chunk, lambda f: torch.save(data, f))
         for row, rec in enumerate(records):
             self._where[rec.index] = (chunk, row)
         self._write_behavior({rec.index: rec.behavior_logprobs for rec in records if rec.behavior_logprobs is not None})
@@ -403,6 +424,7 @@ class RolloutStore:
         """Write the behavior log-probs of stored prompts (index -> one tensor per response) as one chunk."""
         if not behavior:
             return
+        self._check_writer()
         checked = {}
         for i, rows in behavior.items():
             if i not in self._where:
@@ -418,9 +440,19 @@ class RolloutStore:
             return
         path = self._next(_BEHAVIOR, "behavior")
         data = _encode_behavior(checked)
-        _atomic_write(path, lambda f: torch.save(data, f))
+        _publish(path, lambda f: torch.save(data, f))
         for row, i in enumerate(checked):
             self._behavior[i] = (path, row)
+
+    def close(self) -> None:
+        """Release the writer's lock (a reader has none); the store stays readable."""
+        if self._lock is not None:
+            self._lock.file.close()
+            self._lock = None
+
+    def _check_writer(self) -> None:
+        if self._lock is None:
+            raise StoreError(f"{self.path}: opened for reading; RolloutStore.create opens a store for writing")
 
     def _next(self, pattern: re.Pattern, stem: str) -> Path:
         paths = self._paths(pattern)
@@ -437,14 +469,23 @@ def _response_spans(c: dict, row: int) -> torch.Tensor:
     return c["response_offsets"][first : first + int(c["num_responses"][row]) + 1]
 
 
-def _first_copy_flags(c: dict) -> torch.Tensor:
-    """bool [R] of a rollout chunk: each response is the first of its prompt with its tokens."""
-    offsets, tokens, flags, r = c["response_offsets"].tolist(), c["response_tokens"], [], 0
+def _shaped(c: dict, objective: Objective) -> tuple[torch.Tensor, torch.Tensor]:
+    """A rollout chunk's rewards as ``objective`` trains on them (float32 [R]) and each prompt's
+    zero-gradient flag (bool [P]) under them."""
+    offsets, tokens = c["response_offsets"].tolist(), c["response_tokens"]
+    lengths, rewards, flags, r = c["response_offsets"].diff().tolist(), [], [], 0
     for k in c["num_responses"].tolist():
-        responses = [tokens[offsets[j] : offsets[j + 1]] for j in range(r, r + k)]
-        flags += [f == j for j, f in enumerate(first_copies(responses))]
+        rows = slice(r, r + k)
+        shaped = objective.rewards(c["rewards"][rows], lengths[rows], c["truncated"][rows].tolist())
+        rewards.append(shaped)
+        if k < 2 or bool(zero_variance(shaped)):
+            flags.append(False)
+        else:
+            first = first_copies([tokens[offsets[j] : offsets[j + 1]] for j in range(r, r + k)])
+            flags.append(zero_gradient(first, objective.weights(c["rewards"][rows], lengths[rows],
+                                                                c["truncated"][rows].tolist())))  # fmt: skip
         r += k
-    return torch.tensor(flags, dtype=torch.bool)
+    return (torch.cat(rewards) if rewards else torch.zeros(0)), torch.tensor(flags, dtype=torch.bool)
 
 
 def _decode_row(c: dict, row: int) -> PromptRollouts:
@@ -462,6 +503,7 @@ def _decode_row(c: dict, row: int) -> PromptRollouts:
         prompt_ids=c["prompt_tokens"][int(po[row]) : int(po[row + 1])].long(),
         responses=[c["response_tokens"][a:b].long() for a, b in spans],
         rewards=c["rewards"][first : first + k].clone(),
+        truncated=c["truncated"][first : first + k].clone(),
         sampling_logprobs=sampling,
     )
 
@@ -491,14 +533,61 @@ class ChunkWriter:
         self.flush()
 
 
-def _atomic_write(path: Path, write) -> None:
+def reward_source(url: str) -> dict:
+    """A reward function as a store's meta records it: a local file by path and content, else its URL."""
+    if os.path.isfile(url):
+        return {"path": os.path.abspath(url), "sha256": hashlib.sha256(Path(url).read_bytes()).hexdigest()}
+    return {"url": url}
+
+
+class _WriterLock:
+    """An exclusive ``flock`` on S/.lock, taken at once or not at all. The kernel releases it when
+    the holder's file closes or its process dies, so a crashed job leaves no stale lock. The file
+    names the holder for the error a second writer gets."""
+
+    def __init__(self, path: Path) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        self.file = open(path / ".lock", "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "a process that has not written its name yet"
+            self.file.close()
+            raise StoreBusyError(
+                f"{path}: another process is writing this store ({holder}). One writer per store: wait for it "
+                "to end or stop it (a Slurm requeue while the old job still runs?), or give this job another "
+                "--cropi.store_dir"
+            ) from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        self.file.flush()
+
+
+def _publish(path: Path, write) -> None:
+    """Write a file under a temporary name, fsync it, link it to ``path`` (never over an existing
+    file: a second writer fails here instead of replacing a chunk), then fsync the directory so
+    the new name survives a crash."""
     tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            raise StoreError(f"{path} already exists: another process wrote to this store") from None
     finally:
         if tmp.exists():
             tmp.unlink()
+    fsync_dir(path.parent)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

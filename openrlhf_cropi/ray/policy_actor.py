@@ -1,29 +1,34 @@
 """OpenRLHF's policy actor plus CROPI's two side computations on its DeepSpeed model.
 
 Both methods get one share per data-parallel rank and take only their own rank's: (rollout
-store path, prompt index) pairs that the rank reads from the store itself (the trainer's way:
-tokens never pass through the driver), or a Ray object reference to the prompts (nested in a
-list, so Ray does not resolve it); plus the number of forward passes every share needs. Under ZeRO-3, where each forward and backward all-gathers
-parameters collectively, the ranks with less work pad with idle passes to the busiest rank's
-count. Gradients come from `torch.autograd.grad` on the unwrapped module, each parameter's
-projected and dropped as soon as autograd produces it (`core.gradients.projected_gradient`):
-`.grad`, the optimizer and the DeepSpeed engine's state are never touched, and no model-sized
-buffer exists (under ZeRO-3 too, where each gradient is full-size). Activation checkpointing
-applies as in training. Only the weights are used: under --ds.enable_sleep they stay on the
-device while OpenRLHF's offload moves the optimizer states away, so nothing is reloaded.
+store path, prompt index, chunk files) triples that the rank reads from the store itself (the
+trainer's way: tokens never pass through the driver), or a Ray object reference to the prompts
+(nested in a list, so Ray does not resolve it). Before any forward pass the ranks agree, with
+one all-reduce, on whether every rank could read its share and on the largest number of forward
+passes a share needs: a rank that cannot read stops every rank with its error (no rank waits in
+a collective for it), and under ZeRO-3, where each forward and backward all-gathers parameters
+collectively, the ranks with less work pad with idle passes to that count. Gradients come from
+`torch.autograd.grad` on the unwrapped module, each parameter's projected and dropped as soon
+as autograd produces it (`core.gradients.projected_gradient`): `.grad`, the optimizer and the
+DeepSpeed engine's state are never touched, and no model-sized buffer exists (under ZeRO-3 too,
+where each gradient is full-size). Activation checkpointing applies as in training. Only the
+weights are used: under --ds.enable_sleep they stay on the device while OpenRLHF's offload
+moves the optimizer states away, so nothing is reloaded.
 """
 
 from __future__ import annotations
 
 import socket
+import time
 
 import ray
 import torch
 import torch.distributed as dist
+from deepspeed.utils import get_z3_leaf_modules
 from openrlhf.trainer.ray.ppo_actor import PolicyModelActor
 from tqdm import tqdm
 
-from openrlhf_cropi.core.advantages import first_copies
+from openrlhf_cropi.core.advantages import Objective, first_copies, zero_variance
 from openrlhf_cropi.core.gradients import (
     behavior_log_probs,
     causal_lm_log_prob_fn,
@@ -34,41 +39,68 @@ from openrlhf_cropi.core.gradients import (
 )
 from openrlhf_cropi.core.projection import SparseProjector
 from openrlhf_cropi.core.store import RolloutStore, StoreError
-from openrlhf_cropi.flags import check_projection_cost
+from openrlhf_cropi.flags import CropiFlagError, check_projection_cost, objective_of
+
+READ_RETRIES_S = (0.5, 1, 2, 4, 8)  # re-list a store whose new chunk this node does not see yet (NFS caching)
 
 
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def _read_share(share) -> list[dict]:
+def _where() -> str:
+    return f"policy rank {_rank()} on {socket.gethostname()}"
+
+
+def _open(path: str) -> RolloutStore:
+    try:
+        return RolloutStore(path)
+    except StoreError as e:
+        raise StoreError(
+            f"{_where()}: {e}. Every node reads the rollout store: put --cropi.store_dir (default "
+            "<--ckpt.path>/cropi) on a filesystem all nodes share"
+        ) from None
+
+
+def _read_share(share, need_behavior: bool) -> list[dict]:
     """This rank's prompts: an object reference to the items themselves, or (rollout store path,
-    prompt index) pairs read here, from a store on a filesystem every node of the job sees."""
+    prompt index, chunk files) triples read here, from a store on a filesystem every node of the
+    job sees. A prompt this node does not see yet (a chunk the driver just wrote, hidden by NFS
+    attribute caching) is looked for again after re-listing the store, then named in an error."""
     if isinstance(share, ray.ObjectRef):
         return ray.get(share)
     stores, items = {}, []
-    for path, index in share:
-        if path not in stores:
-            try:
-                stores[path] = RolloutStore(path)
-            except StoreError as e:
+    for path, index, chunks in share:
+        for wait in (*READ_RETRIES_S, None):
+            store = stores.get(path) or _open(path)
+            stores[path] = store
+            if index in store and (store.teacher_forced(index) or not need_behavior):
+                break
+            if wait is None:
                 raise StoreError(
-                    f"policy rank {_rank()} on {socket.gethostname()}: {e}. Every node reads the rollout store: "
-                    "put --cropi.store_dir (default <--ckpt.path>/cropi) on a filesystem all nodes share"
-                ) from None
-        rec = stores[path].get(index)
+                    f"{_where()}: {path}: prompt {index} is not in the chunk(s) this node sees, though the driver "
+                    f"wrote it to {', '.join(chunks)} (looked again for {sum(READ_RETRIES_S):.0f} s). Is the store "
+                    "on a filesystem every node shares, with a current view (NFS: attribute caching)?"
+                )
+            time.sleep(wait)
+            stores[path] = _open(path)  # a fresh listing of the directory
+        rec = store.get(index)
         items.append({"prompt_ids": rec.prompt_ids, "responses": rec.responses, "rewards": rec.rewards,
-                      "behavior": rec.behavior_logprobs})  # fmt: skip
+                      "truncated": rec.truncated, "behavior": rec.behavior_logprobs})  # fmt: skip
     return items
 
 
-def num_passes(items: list[dict], max_tokens: int) -> int:
-    """Forward passes (micro-batches) that teacher forcing or a gradient of these prompts takes."""
-    return sum(
-        forward_passes(len(it["prompt_ids"]), [len(r) for r in it["responses"]],
-                       [f == k for k, f in enumerate(first_copies(it["responses"]))], max_tokens)
-        for it in items
-    )  # fmt: skip
+def num_passes(items: list[dict], max_tokens: int, objective: Objective | None = None) -> int:
+    """Forward passes (micro-batches) that teacher forcing (``objective`` None) or a gradient of
+    these prompts takes: a gradient runs none for a prompt whose rewards, as trained, do not vary."""
+    passes = 0
+    for it in items:
+        lengths = [len(r) for r in it["responses"]]
+        if objective is not None and bool(zero_variance(objective.rewards(it["rewards"], lengths, it.get("truncated")))):
+            continue
+        distinct = [f == k for k, f in enumerate(first_copies(it["responses"]))]
+        passes += forward_passes(len(it["prompt_ids"]), lengths, distinct, max_tokens)
+    return passes
 
 
 class _CropiPolicyModelActor(PolicyModelActor.__ray_actor_class__):
@@ -77,6 +109,8 @@ class _CropiPolicyModelActor(PolicyModelActor.__ray_actor_class__):
         cropi = strategy.args.cropi
         if cropi.enable and cropi.selector == "influence":  # a dense projector too costly: refused now
             check_projection_cost(cropi, sum(getattr(p, "ds_numel", p.numel()) for p in self._params()))
+        if self._zero3():
+            check_zero3_leaf_modules(self._cropi_model())
         return result
 
     def _cropi_model(self) -> torch.nn.Module:
@@ -109,10 +143,31 @@ class _CropiPolicyModelActor(PolicyModelActor.__ray_actor_class__):
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
+    def _agree(self, share, need_behavior: bool, objective: Objective | None, max_tokens: int) -> tuple[list, int]:
+        """Read this rank's share and agree with every rank, in one all-reduce and before any
+        forward pass, that all could read theirs, and on the largest count of forward passes."""
+        try:
+            mine, error = _read_share(share, need_behavior), None
+            passes = num_passes(mine, max_tokens, objective)
+        except StoreError as e:
+            mine, error, passes = [], e, 0
+        if dist.is_initialized():
+            device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+            flags = torch.tensor([passes, error is not None], dtype=torch.long, device=device)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            most, failed = int(flags[0]), bool(flags[1])
+        else:
+            most, failed = passes, error is not None
+        if error is not None:
+            raise error
+        if failed:
+            raise StoreError(f"{_where()}: another policy rank could not read its prompts (its error says why)")
+        return mine, most - passes
+
     @torch.no_grad()
-    def cropi_behavior_log_probs(self, shares: list, passes: list[int], temperature: float, max_tokens: int) -> list:
+    def cropi_behavior_log_probs(self, shares: list, temperature: float, max_tokens: int) -> list:
         """log beta of every response token of this rank's share: one list of per-response tensors per prompt."""
-        mine = _read_share(shares[_rank()])
+        mine, idle = self._agree(shares[_rank()], False, None, max_tokens)
         model, device = self._cropi_model(), self.actor.model.device
         was_training = model.training
         model.eval()
@@ -121,16 +176,17 @@ class _CropiPolicyModelActor(PolicyModelActor.__ray_actor_class__):
             behavior_log_probs(log_prob_fn, it["prompt_ids"], it["responses"], max_tokens, device)
             for it in tqdm(mine, desc="CROPI behavior log-probs", disable=_rank() != 0)
         ]
-        self._idle_passes(max(passes) - passes[_rank()], backward=False)
+        self._idle_passes(idle, backward=False)
         model.train(was_training)
         self._release_memory()
         return out
 
-    def cropi_project(self, shares: list, passes: list[int], projector: dict, max_tokens: int) -> list:
+    def cropi_project(self, shares: list, projector: dict, max_tokens: int) -> list:
         """Projected off-policy gradient ([d] float32) of each prompt of this rank's share; None
         where the gradient is not finite. The policy's log-probs are at the temperature OpenRLHF
-        trains with (--rollout.temperature)."""
-        mine = _read_share(shares[_rank()])
+        trains with (--rollout.temperature); the responses weigh as in the job's objective."""
+        objective = objective_of(self.strategy.args)
+        mine, idle = self._agree(shares[_rank()], True, objective, max_tokens)
         model, device, params = self._cropi_model(), self.actor.model.device, self._params()
         numels = [getattr(p, "ds_numel", p.numel()) for p in params]  # ZeRO-3 keeps the full size in ds_numel
         proj = SparseProjector(total_params=sum(numels), **projector)
@@ -141,16 +197,28 @@ class _CropiPolicyModelActor(PolicyModelActor.__ray_actor_class__):
             for it in tqdm(mine, desc="CROPI gradients", disable=_rank() != 0):
                 vector = projected_gradient(
                     log_prob_fn, params, proj, it["prompt_ids"], it["responses"], it["rewards"], it["behavior"],
-                    max_tokens, device, numels,
+                    max_tokens, device, numels, truncated=it.get("truncated"), objective=objective,
                 )  # fmt: skip
                 vectors.append(vector.cpu() if bool(torch.isfinite(vector).all()) else None)
-            self._idle_passes(max(passes) - passes[_rank()], backward=True)
+            self._idle_passes(idle, backward=True)
         self.strategy.print(
             f"CROPI projection state on {device}: {proj.state_bytes() / 2**30:.2f} GiB "
             f"({proj.state_bytes() / sum(numels):.3f} bytes per parameter), rebuilt at every phase"
         )
         self._release_memory()
         return vectors
+
+
+def check_zero3_leaf_modules(model: torch.nn.Module) -> None:
+    """ZeRO-3 leaf modules (MoE blocks that OpenRLHF marks so) gather their parameters through
+    module backward hooks, which would fire inside CROPI's autograd.grad passes: refused."""
+    leaves = get_z3_leaf_modules(model)
+    if leaves:
+        raise CropiFlagError(
+            f"--ds.zero_stage 3: the model has {len(leaves)} ZeRO-3 leaf module(s) ({type(leaves[0]).__name__}: "
+            "mixture-of-experts blocks), whose DeepSpeed backward hooks CROPI's per-prompt gradients do not "
+            "support; use --ds.zero_stage 2"
+        )
 
 
 CropiPolicyModelActor = ray.remote(num_gpus=1)(_CropiPolicyModelActor)

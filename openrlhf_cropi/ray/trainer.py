@@ -9,7 +9,7 @@
 - At step 0 and every --cropi.steps_per_phase steps: projected off-policy gradients on all
   policy ranks, which read their prompts from the store; the pool's come back chunk by chunk
   and are scored as they come; selection; the prompt sampler switches to the new subset.
-- The trainer itself keeps only the stores' summaries (rewards, lengths, flags: 94 bytes per
+- The trainer itself keeps only the stores' summaries (rewards, flags: 50 bytes per
   pool prompt at K = 8) plus, during a phase, one chunk of projected gradients and the cosines
   (4 bytes per prompt and validation set): never tokens or log-probs.
 - The sampler's state rides in OpenRLHF's checkpoint, so --ckpt.load_enable resumes in the
@@ -42,8 +42,16 @@ from openrlhf_cropi.core.scoring import (
     tie_break_permutation,
     validation_vector,
 )
-from openrlhf_cropi.core.store import PromptRollouts, RolloutStore, RolloutSummary, StoreError
-from openrlhf_cropi.flags import CropiFlagError, cropi_args
+from openrlhf_cropi.core.store import (
+    PromptRollouts,
+    RolloutStore,
+    RolloutSummary,
+    StoreBusyError,
+    StoreError,
+    fsync_dir,
+    reward_source,
+)
+from openrlhf_cropi.flags import CropiFlagError, cropi_args, objective_of
 from openrlhf_cropi.sampler import PhaseSampler
 
 logger = init_logger(__name__)
@@ -95,6 +103,7 @@ def behavior_record(
         index=index, text=text, label=label, row=row, prompt_ids=kept[0]["observation_tokens"][:start],
         responses=[out["observation_tokens"][start:max_len] for out in kept],
         rewards=[torch.as_tensor(out["reward"], dtype=torch.float64).item() for out in kept],
+        truncated=[bool(out["truncated"]) for out in kept],
         sampling_logprobs=sampling,
     )  # fmt: skip
 
@@ -122,6 +131,7 @@ class _CropiPPOTrainer(PPOTrainer.__ray_actor_class__):
     def __init__(self, pretrain, strategy, actor_model_group, *args, **kwargs):
         super().__init__(pretrain, strategy, actor_model_group, *args, **kwargs)
         self.cropi = cropi_args(self.args)
+        self.objective = objective_of(self.args)  # rewards and weights as training computes them
         self.store_dir = Path(self.cropi.store_dir or os.path.join(self.args.ckpt.path, "cropi"))
 
         rollout = self.args.rollout
@@ -169,6 +179,8 @@ class _CropiPPOTrainer(PPOTrainer.__ray_actor_class__):
         """Make what the store lacks; returns (seconds it took, status). Nothing on a complete store."""
         t0 = time.time()
         self._stores = {split: self._open_store(split) for split in self.splits}
+        for split in self.splits:
+            self._check_prompts(split)
         missing = {split: [i for i in range(len(self.splits[split][0])) if i not in store]
                    for split, store in self._stores.items()}  # fmt: skip
         self._check_resume(resumed_step, missing, "behavior rollouts")
@@ -205,16 +217,45 @@ class _CropiPPOTrainer(PPOTrainer.__ray_actor_class__):
             "max_len": self.args.data.max_len,
             "max_new_tokens": self.args.rollout.max_new_tokens,
             "max_tokens": self.cropi.max_tokens_per_gpu,
+            # What else decides the stored tokens and rewards: a changed reward file, template,
+            # key or sampling setting must not reuse them.
+            "reward": [reward_source(url) for url in self.args.reward.remote_url],
+            "apply_chat_template": self.args.data.apply_chat_template,
+            "input_template": self.args.data.input_template,
+            "input_key": self.args.data.input_key,
+            "label_key": self.args.data.label_key,
+            "top_p": self.args.rollout.top_p,
         }
         try:
             return RolloutStore.create(self.store_dir / "rollouts" / split, meta, exist_ok=True)
+        except StoreBusyError as e:
+            raise CropiFlagError(f"--cropi.store_dir: {e}") from None
         except StoreError as e:
             raise CropiFlagError(
                 f"{e}. The store keeps how its rollouts were made (logprob_temperature: --rollout.temperature, "
                 "sample_temperature: --cropi.behavior_temperature, samples: --cropi.train_samples or "
-                "--cropi.val_samples, max_tokens: --cropi.max_tokens_per_gpu): run with those settings, or "
-                "give a new --cropi.store_dir"
+                "--cropi.val_samples, max_tokens: --cropi.max_tokens_per_gpu, reward: --reward.remote_url and the "
+                "file's sha256, apply_chat_template / input_template / input_key / label_key: --data.*, top_p: "
+                "--rollout.top_p): run with those settings, or give a new --cropi.store_dir"
             ) from None
+
+    def _check_prompts(self, split: str) -> None:
+        """Every stored prompt's text and label are the dataset's: rollouts and rewards of edited
+        data (a fixed label, another template) are never reused."""
+        dataset, _, source = self.splits[split]
+        flag = "--data.prompt_dataset" if split == "pool" else "--cropi.val_datasets"
+        for i, text, label in self._stores[split].prompts():
+            if i >= len(dataset):
+                continue  # reported by _summary, with its own fix
+            now = json.loads(json.dumps(dataset.labels[i]))
+            if text != dataset.prompts[i] or label != now:
+                what = f"text {text[:200]!r} (now {dataset.prompts[i][:200]!r})" if text != dataset.prompts[i] else \
+                    f"label {label!r} (now {now!r})"  # fmt: skip
+                raise CropiFlagError(
+                    f"{flag}: {source} ({split}) prompt {i} differs from the rollout store {self._stores[split].path}: "
+                    f"stored {what}. Its behavior rollouts and rewards were made for the old data: give a new "
+                    "--cropi.store_dir (or restore the data)"
+                )
 
     def _check_resume(self, resumed_step: int, missing: dict[str, list[int]], what: str) -> None:
         """Rollouts and log beta come from the initial policy: a job resumed past step 0 no longer has it."""
@@ -230,7 +271,7 @@ class _CropiPPOTrainer(PPOTrainer.__ray_actor_class__):
                 )
 
     def _summary(self, split: str) -> RolloutSummary:
-        summary = self._stores[split].summary()
+        summary = self._stores[split].summary(self.objective)
         if not torch.equal(summary.index, torch.arange(len(self.splits[split][0]))):
             raise CropiFlagError(
                 f"{self._stores[split].path}: the store holds prompts {summary.index[-1].item()} and beyond that "
@@ -354,22 +395,17 @@ class _CropiPPOTrainer(PPOTrainer.__ray_actor_class__):
 
     def _on_actors(self, method: str, jobs: list[tuple[str, int]], *args) -> list:
         """Run a CROPI method on every policy rank, rank r on jobs[r::world], (split, prompt index)
-        pairs that the rank reads from the rollout store itself; results in job order. The methods
-        need the weights only, which stay on the device under --ds.enable_sleep (OpenRLHF's
-        offload moves the optimizer states): nothing is reloaded."""
+        pairs that the rank reads from the rollout store itself (told which chunk files hold
+        them); results in job order. The methods need the weights only, which stay on the device
+        under --ds.enable_sleep (OpenRLHF's offload moves the optimizer states): nothing is reloaded."""
         world = self.args.actor.num_nodes * self.args.actor.num_gpus_per_node
-        shares = [jobs[r::world] for r in range(world)]
-        passes = [self._num_passes(share, self.cropi.max_tokens_per_gpu) for share in shares]
-        reads = [[(str(self._stores[split].path), i) for split, i in share] for share in shares]
-        per_rank = ray.get(self.actor_model_group.async_run_method(method, reads, passes, *args))
+        reads = [[(str(self._stores[split].path), i, self._stores[split].chunks_of(i)) for split, i in jobs[r::world]]
+                 for r in range(world)]  # fmt: skip
+        per_rank = ray.get(self.actor_model_group.async_run_method(method, reads, *args))
         out = [None] * len(jobs)
         for rank, results in enumerate(per_rank):
             out[rank::world] = results
         return out
-
-    def _num_passes(self, share: list[tuple[str, int]], max_tokens: int) -> int:
-        """Forward passes (micro-batches) these prompts take, from the stored lengths."""
-        return sum(self._summaries[split].forward_passes(i, max_tokens) for split, i in share)
 
     # ---- phases ------------------------------------------------------------------------------
 
@@ -379,19 +415,20 @@ class _CropiPPOTrainer(PPOTrainer.__ray_actor_class__):
         usable, pass_rate = pool.usable, pool.pass_rate
         if self.cropi.selector != "random" and not usable.any():
             raise RuntimeError(
-                f"CROPI: all {len(pool)} pool prompts got the same reward in every behavior sample (or different "
-                "rewards for identical responses), so none can be selected: check the reward function, or raise "
-                "--cropi.train_samples"
+                f"CROPI: all {len(pool)} pool prompts got the same reward (as training sees it) in every behavior "
+                "sample (or different rewards for identical responses), so none can be selected: check the reward "
+                "function, or raise --cropi.train_samples"
             )
         status = {"cropi/phase": phase, "cropi/prompts_zero_variance": float(pool.zero_variance.sum()),
                   "cropi/prompts_zero_gradient": float(pool.zero_gradient.sum())}  # fmt: skip
         # A fresh random draw each phase; the others break ties by one seeded order in every phase.
         seed = self.cropi.seed + phase if self.cropi.selector == "random" else self.cropi.seed
         if self.cropi.selector != "influence":
-            selected, scores = select_prompts(self.cropi.selector, self.cropi.alpha, usable, pass_rate, seed=seed)
+            selected, scores = self._select_prompts(phase, self.cropi.selector, self.cropi.alpha, usable, pass_rate,
+                                                    seed=seed)  # fmt: skip
             cosines, t_grad, t_score = [], 0.0, 0.0
         else:
-            selected, scores, cosines, t_grad, grad_status = self._influence(usable, pass_rate)
+            selected, scores, cosines, t_grad, grad_status = self._influence(phase, usable, pass_rate)
             t_score = time.time() - t0 - t_grad
             status.update(grad_status)
             for v, c in enumerate(cosines):
@@ -415,7 +452,14 @@ class _CropiPPOTrainer(PPOTrainer.__ray_actor_class__):
         logger.info(f"CROPI phase {phase}: {len(selected)} prompts selected ({self.cropi.selector}): {status}")
         return status
 
-    def _influence(self, usable: torch.Tensor, pass_rate: torch.Tensor):
+    @staticmethod
+    def _select_prompts(phase: int, *args, **kwargs):
+        try:
+            return select_prompts(*args, **kwargs)
+        except ValueError as error:  # nothing selectable: stop now, with the counts
+            raise RuntimeError(f"CROPI phase {phase}: {error}") from None
+
+    def _influence(self, phase: int, usable: torch.Tensor, pass_rate: torch.Tensor):
         """Validation targets first, then the pool chunk by chunk: only one chunk of d-vectors exists at a time."""
         projector = {"keep_ratio": self.cropi.keep_ratio, "proj_dim": self.cropi.proj_dim,
                      "kind": self.cropi.projector, "seed": self.cropi.seed}  # fmt: skip
@@ -441,8 +485,8 @@ class _CropiPPOTrainer(PPOTrainer.__ray_actor_class__):
             chunk=SCORE_CHUNK_PER_RANK * world, progress="CROPI scoring",
         )  # fmt: skip
         scored = ~torch.isnan(cosines[0])
-        selected, scores = select_prompts(
-            "influence", self.cropi.alpha, usable, pass_rate, cosines, scored, self.cropi.rrf_k, seed=self.cropi.seed
+        selected, scores = self._select_prompts(
+            phase, "influence", self.cropi.alpha, usable, pass_rate, cosines, scored, self.cropi.rrf_k, seed=self.cropi.seed
         )
         status = {"cropi/prompts_scored": float(scored.sum()),
                   "cropi/prompts_nonfinite": float(nonfinite.sum() + nonfinite_val)}  # fmt: skip
@@ -473,8 +517,12 @@ class _CropiPPOTrainer(PPOTrainer.__ray_actor_class__):
         subset = "".join(json.dumps(dict(rows[i]), ensure_ascii=False) + "\n" for i in sorted(selected))
         for name, text in ((f"phase-{phase:03d}.json", json.dumps(record)), (f"phase-{phase:03d}.jsonl", subset)):
             tmp = out / f".{name}.tmp"
-            tmp.write_text(text)
-            os.replace(tmp, out / name)
+            with open(tmp, "w") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, out / name)  # a restarted job selects a phase again: replaced, not added
+        fsync_dir(out)
 
     # ---- the loop ----------------------------------------------------------------------------
 
@@ -490,7 +538,11 @@ class _CropiPPOTrainer(PPOTrainer.__ray_actor_class__):
                 settings = {"temperature": eval_args.temperature, "n_samples_per_prompt": eval_args.n_samples_per_prompt}
                 self.evaluate(0, **{**self.generate_kwargs, **settings})
             self._pending_status = {**self._select(0), "cropi/time_rollouts": t_rollouts, **rollout_status}
-        super().fit(global_step)
+        try:
+            super().fit(global_step)
+        finally:  # the writer's locks: a next job on this run directory may start at once
+            for store in self._stores.values():
+                store.close()
 
     def train_step(self, rollout_samples, global_step: int):
         trained_phase = self.sampler.phase  # the subset these samples were drawn from

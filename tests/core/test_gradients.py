@@ -131,6 +131,22 @@ def test_gradient_on_policy_and_off_policy(tiny_lm, max_tokens):
     assert all(p.grad is None for p in params)  # training state untouched
 
 
+def test_tied_embeddings_against_plain_autograd(tiny_tied_lm):
+    """A tied lm_head / embedding is one parameter used twice: its streamed gradient (and its
+    projection) is the sum of both uses, as plain torch.autograd.grad over the explicit loop gives."""
+    model = tiny_tied_lm
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    fn = causal_lm_log_prob_fn(model)
+    behavior = behavior_log_probs(fn, PROMPT, RESPONSES, 14, "cpu")
+    perturb(model)
+    params = list(model.parameters())  # the shared tensor once
+    want = oracle_gradient(model, PROMPT, RESPONSES, REWARDS, behavior)
+    assert_grads_close(prompt_gradient(fn, params, PROMPT, RESPONSES, REWARDS, behavior, 14, "cpu"), want)
+    projector = SparseProjector(sum(p.numel() for p in params), 1.0, sum(p.numel() for p in params), "identity")
+    got = projected_gradient(fn, params, projector, PROMPT, RESPONSES, REWARDS, behavior, 14, "cpu")
+    torch.testing.assert_close(got, projector.project(want), rtol=1e-4, atol=1e-6)
+
+
 def test_micro_batching_does_not_change_the_gradient(tiny_lm):
     fn = causal_lm_log_prob_fn(tiny_lm)
     behavior = behavior_log_probs(fn, PROMPT, RESPONSES, 10_000, "cpu")

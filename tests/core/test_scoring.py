@@ -163,3 +163,17 @@ def test_validation_vector_and_cosine():
     assert cosine(T([[1.0, -1.0], [0.0, 0.0]]), T([1.0, 1.0])).tolist() == [0.0, 0.0]
     with pytest.raises(ValueError):
         validation_vector(torch.zeros(0, 2))
+
+
+def test_an_empty_selection_is_an_error_with_the_counts():
+    """Every pool gradient non-finite (say): no subset to train on is an error now, with the
+    counts, not an empty sampler that fails hours later."""
+    usable = torch.tensor([True, True, False, True])
+    rate = torch.tensor([0.5, 0.25, 1.0, 0.75], dtype=torch.float64)
+    nan = torch.full((4,), float("nan"), dtype=torch.float64)
+    with pytest.raises(ValueError, match="influence: no prompt can be selected: of 4 pool prompts 3 have reward "
+                                         "variance and a gradient, 0 of them were scored with a finite gradient"):
+        select_prompts("influence", 0.5, usable, rate, [nan], torch.zeros(4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="learnability: .* of 4 pool prompts 0 have reward variance"):
+        select_prompts("learnability", 0.5, torch.zeros(4, dtype=torch.bool), rate)
+    assert select_prompts("learnability", 0.5, usable, rate)[0][0] == 0  # p = 0.5 first

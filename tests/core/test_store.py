@@ -1,12 +1,18 @@
 """Rollout store: round trip, resume, append-only chunks, interrupted writes, validation errors,
-behavior log-probs added later, and the token-free summary."""
+behavior log-probs added later, one writer at a time, and the token-free summary."""
 
 import json
+import os
+import signal
 import statistics
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
 
+from openrlhf_cropi.core.advantages import Objective
 from openrlhf_cropi.core.store import PromptRollouts, RolloutStore, StoreError
 
 META = {"model": "tiny", "temperature": 1.0, "max_tokens": 64}
@@ -24,12 +30,14 @@ def record(i: int, k: int = 3, forced: bool = True) -> PromptRollouts:
         responses=responses,
         rewards=[float((i + j) % 2) for j in range(k)],
         behavior_logprobs=[-torch.rand(len(r), generator=g) for r in responses] if forced else None,
+        truncated=[(i + j) % 3 == 0 for j in range(k)],
     )
 
 
 def assert_same(a: PromptRollouts, b: PromptRollouts) -> None:
     assert (a.index, a.text, a.label, a.row) == (b.index, b.text, b.label, b.row)
     assert torch.equal(a.prompt_ids, b.prompt_ids) and torch.equal(a.rewards, b.rewards)
+    assert torch.equal(a.truncated, b.truncated)
     assert len(a.responses) == len(b.responses) and all(torch.equal(x, y) for x, y in zip(a.responses, b.responses))
     assert (a.behavior_logprobs is None) == (b.behavior_logprobs is None)
     for bx, by in zip(a.behavior_logprobs or [], b.behavior_logprobs or []):
@@ -53,7 +61,8 @@ def test_round_trip_in_chunks(tmp_path):
     with pytest.raises(KeyError):
         again.get(2)
     c = torch.load(tmp_path / "s" / "chunk-000000.pt", weights_only=True)  # documented layout
-    assert c["prompt_tokens"].dtype == torch.int32 and c["zero_gradient"].dtype == torch.bool
+    assert c["prompt_tokens"].dtype == torch.int32 and c["truncated"].dtype == torch.bool
+    assert c["truncated"].tolist() == [t for r in records[:2] for t in r.truncated.tolist()]
     assert len(c["response_offsets"]) == int(c["num_responses"].sum()) + 1
     b = torch.load(tmp_path / "s" / "behavior-000000.pt", weights_only=True)
     assert b["index"].tolist() == [4, 0] and b["logprobs"].dtype == torch.float32
@@ -65,6 +74,7 @@ def test_resume_and_duplicates(tmp_path):
     store.append([record(0), record(1)])
     with pytest.raises(StoreError, match="already exists"):
         RolloutStore.create(tmp_path / "s", META)
+    del store  # its writer's lock goes with it
     resumed = RolloutStore.create(tmp_path / "s", META, exist_ok=True)
     assert resumed.indices() == [0, 1]
     with pytest.raises(StoreError, match=r"made with temperature=1.0 \(now 0.6\)$"):
@@ -89,10 +99,11 @@ def test_interrupted_write_loses_only_the_chunk_in_flight(tmp_path, monkeypatch)
         store.append([record(2), record(3)])
     monkeypatch.undo()
     names = sorted(p.name for p in (tmp_path / "s").iterdir())
-    assert names == ["behavior-000000.pt", "chunk-000000.pt", "meta.json"]  # no partial chunk, temp file cleaned up
+    assert names == [".lock", "behavior-000000.pt", "chunk-000000.pt", "meta.json"]  # no partial chunk or temp file
     # A hard kill leaves a temp file behind: it is ignored.
     (tmp_path / "s" / ".chunk-000001.pt.tmp.999").write_bytes(b"garbage")
-    reopened = RolloutStore(tmp_path / "s")
+    del store
+    reopened = RolloutStore.create(tmp_path / "s", META, exist_ok=True)
     assert reopened.indices() == [0, 1]
     reopened.append([record(2)])
     assert RolloutStore(tmp_path / "s").indices() == [0, 1, 2]
@@ -174,8 +185,8 @@ def test_corrupt_or_missing_store_errors_name_the_file(tmp_path):
     (tmp_path / "s" / "behavior-000001.pt").unlink()
     # A store in the previous format says so instead of failing somewhere later.
     header = json.loads((tmp_path / "s" / "meta.json").read_text())
-    (tmp_path / "s" / "meta.json").write_text(json.dumps({**header, "version": 1}))
-    with pytest.raises(StoreError, match="version 1: make the rollouts again"):
+    (tmp_path / "s" / "meta.json").write_text(json.dumps({**header, "version": 2}))
+    with pytest.raises(StoreError, match="version 2: make the rollouts again"):  # v2 has no truncation flags
         RolloutStore(tmp_path / "s")
 
 
@@ -187,7 +198,10 @@ def test_behavior_log_probs_added_later_and_the_marker(tmp_path):
     assert [store.teacher_forced(i) for i in range(4)] == [False] * 4
     assert store.get(2).behavior_logprobs is None
     store.append_behavior({i: full[i].behavior_logprobs for i in (3, 1)})
-    again = RolloutStore(tmp_path / "s")
+    with pytest.raises(StoreError, match="opened for reading"):
+        RolloutStore(tmp_path / "s").append_behavior({0: full[0].behavior_logprobs})
+    del store
+    again = RolloutStore.create(tmp_path / "s", META, exist_ok=True)
     assert [again.teacher_forced(i) for i in range(4)] == [False, True, False, True]
     for i in range(4):
         assert_same(again.get(i), full[i] if i in (1, 3) else record(i, forced=False))
@@ -218,15 +232,71 @@ def test_summary_matches_the_decoded_records(tmp_path):
     assert s.index.tolist() == [rec.index for rec in want] and len(s) == 7
     for p, rec in enumerate(want):
         assert s.rewards[s.offsets[p] : s.offsets[p + 1]].tolist() == rec.rewards.tolist()
-        rows = slice(int(s.offsets[p]), int(s.offsets[p + 1]))
-        assert s.response_lengths[rows].tolist() == [len(x) for x in rec.responses]
-        distinct = [all(not torch.equal(x, y) for y in rec.responses[:j]) for j, x in enumerate(rec.responses)]
-        assert s.first_copy[rows].tolist() == distinct
-        assert s.forward_passes(p, 10_000) == 1 and s.forward_passes(p, 1) == sum(distinct)  # one row per pass
-        assert int(s.prompt_lengths[p]) == len(rec.prompt_ids)
         assert bool(s.teacher_forced[p]) == (rec.behavior_logprobs is not None)
         assert s.pass_rate[p].item() == pytest.approx(statistics.mean(rec.rewards.tolist()))
     assert s.zero_variance.tolist() == [rec.index == 3 for rec in want]
     assert s.zero_gradient.tolist() == [rec.index == 2 for rec in want]
     assert s.usable.tolist() == [rec.index not in (2, 3) for rec in want]
     assert len(RolloutStore.create(tmp_path / "empty", META).summary()) == 0
+
+
+def test_summary_rewards_are_the_ones_training_sees(tmp_path):
+    """Length penalties as OpenRLHF applies them decide reward variance, pass rate and usability:
+    prompt 0's responses all pass, but one is overlong; prompt 1's pass and fail, but every
+    response is truncated and a fixed reward of -0.5 replaces them all."""
+    store = RolloutStore.create(tmp_path / "s", META)
+    store.append([
+        PromptRollouts(0, "a", None, {}, [1], [[2] * 3, [3] * 9, [4] * 4], [1.0, 1.0, 1.0]),
+        PromptRollouts(1, "b", None, {}, [1], [[2] * 3, [3] * 3], [1.0, 0.0], truncated=[True, True]),
+    ])  # fmt: skip
+    plain = store.summary()
+    assert plain.usable.tolist() == [False, True]
+    overlong = Objective(overlong_buffer_len=4, overlong_penalty_factor=1.0, max_new_tokens=10)
+    s = store.summary(overlong)  # limit 10 - 4 = 6 tokens: the 9-token response pays 3/4
+    assert s.rewards[:3].tolist() == [1.0, 0.25, 1.0] and s.usable.tolist() == [True, True]
+    assert s.pass_rate[0].item() == pytest.approx(0.75)
+    s = store.summary(Objective(stop_properly_penalty_coef=-0.5))
+    assert s.rewards[3:].tolist() == [-0.5, -0.5] and s.usable.tolist() == [False, False]
+    s = store.summary(Objective(stop_properly_penalty_coef=0.5))
+    assert s.rewards[3:].tolist() == [0.5, 0.0] and s.usable.tolist() == [False, True]
+    assert list(store.prompts()) == [(0, "a", None), (1, "b", None)]
+
+
+_HOLD = textwrap.dedent("""
+    import sys, time
+    from openrlhf_cropi.core.store import RolloutStore
+    store = RolloutStore.create(sys.argv[1], {"model": "tiny"}, exist_ok=True)
+    print("holding", flush=True)
+    time.sleep(600)
+""")
+
+
+def test_one_writer_per_store_and_no_stale_lock(tmp_path):
+    """A second writer (another process: a requeued job while the old one runs) stops at once,
+    naming the holder; once the holder is killed, its lock is gone with it."""
+    path = tmp_path / "s"
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD, str(path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        with pytest.raises(StoreError, match=rf"another process is writing this store \(pid {holder.pid} on .*--cropi.store_dir"):
+            RolloutStore.create(path, {"model": "tiny"}, exist_ok=True)
+        assert RolloutStore(path).indices() == []  # readers take no lock
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
+    store = RolloutStore.create(path, {"model": "tiny"}, exist_ok=True)  # the dead holder's lock is released
+    store.append([record(0)])
+    with pytest.raises(StoreError, match=f"pid {os.getpid()}"):  # also within one process
+        RolloutStore.create(path, {"model": "tiny"}, exist_ok=True)
+
+
+def test_a_published_chunk_is_never_overwritten(tmp_path, monkeypatch):
+    """If another writer got a chunk's name first, publishing fails and leaves that chunk intact."""
+    store = RolloutStore.create(tmp_path / "s", META)
+    store.append([record(0)])
+    before = (tmp_path / "s" / "chunk-000000.pt").read_bytes()
+    monkeypatch.setattr(store, "_next", lambda pattern, stem: tmp_path / "s" / f"{stem}-000000.pt")
+    with pytest.raises(StoreError, match="chunk-000000.pt already exists: another process wrote to this store"):
+        store.append([record(1)])
+    assert (tmp_path / "s" / "chunk-000000.pt").read_bytes() == before
+    assert not [p for p in (tmp_path / "s").iterdir() if ".tmp." in p.name]

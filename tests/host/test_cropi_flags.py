@@ -1,5 +1,6 @@
 """The --cropi.* group on OpenRLHF's own parser: bad input fails at startup, naming the flag."""
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -23,7 +24,8 @@ def files(tmp_path):
 def _argv(tmp_path, pool, *extra):
     return ["--actor.model_name_or_path", "m", "--reward.remote_url", "r.py", "--data.prompt_dataset", str(pool),
             "--data.input_key", "prompt", "--data.label_key", "label", "--algo.advantage.estimator", "group_norm",
-            "--rollout.n_samples_per_prompt", "4", "--ckpt.path", str(tmp_path / "ckpt"), *extra]  # fmt: skip
+            "--rollout.n_samples_per_prompt", "4", "--algo.kl.init_coef", "0", "--ckpt.path", str(tmp_path / "ckpt"),
+            *extra]  # fmt: skip
 
 
 def test_valid_flags_reach_every_actor_as_args_cropi(files):
@@ -37,8 +39,67 @@ def test_valid_flags_reach_every_actor_as_args_cropi(files):
 
 def test_without_enable_cropi_checks_nothing(files):
     tmp_path, pool, _ = files
-    args = parse_args(_argv(tmp_path, pool, "--cropi.alpha", "7", "--train.async_enable"))
+    args = parse_args(_argv(tmp_path, pool, "--train.async_enable"))
     assert not args.cropi.enable
+
+
+@pytest.mark.parametrize("flag", ["--cropi.alpha", "--cropi.alph", "--cropi.val_datasets"])
+def test_a_cropi_flag_without_enable_is_an_error(files, flag, capsys):
+    """CROPI would silently be off: plain OpenRLHF. (argparse also takes an abbreviation.)"""
+    tmp_path, pool, val = files
+    with pytest.raises(SystemExit) as exit_:
+        main(_argv(tmp_path, pool, flag, str(val) if "val" in flag else "0.2"))
+    assert exit_.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(f"train_ppo_ray: error: {flag}: given without --cropi.enable")
+
+
+def test_another_openrlhf_version_is_refused(files, capsys, monkeypatch):
+    import importlib.metadata
+
+    tmp_path, pool, val = files
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.12.0" if name == "openrlhf" else real(name))
+    with pytest.raises(SystemExit) as exit_:
+        main(_argv(tmp_path, pool, "--cropi.enable", "--cropi.val_datasets", str(val)))
+    assert exit_.value.code == 2
+    assert "openrlhf 0.12.0 is installed; openrlhf-cropi works with openrlhf 0.11.2 only" in capsys.readouterr().err
+
+
+def test_openrlhfs_own_classes_cannot_run_in_a_cropi_job(files, monkeypatch):
+    """After an upgrade train() might reach OpenRLHF's trainer or policy actor by a name the class
+    swap does not cover: starting either stops the job instead of training without CROPI."""
+    import openrlhf.trainer.ppo_trainer as ppo_trainer
+    import openrlhf.trainer.ray.ppo_actor as ppo_actor
+
+    import openrlhf_cropi.cli.train_ppo_ray as cli
+    from openrlhf_cropi.ray.trainer import CropiPPOTrainer
+
+    tmp_path, pool, val = files
+    kept = {"trainer": ppo_trainer.PPOTrainer, "actor": ppo_actor.PolicyModelActor}  # references taken earlier
+    seen = {}
+
+    real_run = cli._run_openrlhf_cli
+
+    def fake_run(argv, *patches):  # what train() would see while the job runs
+        if len(patches) == 2:  # parse_args' dry run
+            return real_run(argv, *patches)
+        with contextlib.ExitStack() as stack:
+            for patch in patches:
+                stack.enter_context(patch)
+            seen["swapped"] = ppo_trainer.PPOTrainer is CropiPPOTrainer
+            for name, cls in kept.items():
+                with pytest.raises(RuntimeError, match=rf"started OpenRLHF's own {cls.__ray_actor_class__.__name__} "
+                                                       "instead of CROPI's"):  # fmt: skip
+                    cls.options(num_gpus=1)
+                with pytest.raises(RuntimeError):
+                    cls.remote()
+                seen[name] = True
+
+    monkeypatch.setattr(cli, "_run_openrlhf_cli", fake_run)
+    main(_argv(tmp_path, pool, "--cropi.enable", "--cropi.val_datasets", str(val)))
+    assert seen == {"swapped": True, "trainer": True, "actor": True}
+    assert ppo_trainer.PPOTrainer is kept["trainer"] and callable(kept["trainer"].options)  # restored
 
 
 @pytest.mark.parametrize(
@@ -58,17 +119,32 @@ def test_without_enable_cropi_checks_nothing(files):
         (["--cropi.val_datasets", "{val}", "--cropi.max_tokens_per_gpu", "0"], "--cropi.max_tokens_per_gpu: must be >= 1"),
         (["--cropi.val_datasets", "{val}", "--actor.gradient_checkpointing_enable",
           "--actor.gradient_checkpointing_reentrant"], "--actor.gradient_checkpointing_reentrant: reentrant"),
+        # What CROPI cannot score from a prompt's own behavior rollouts, or does not implement.
+        *[(["--cropi.val_datasets", "{val}", "--algo.advantage.estimator", e], f"--algo.advantage.estimator {e}: ")
+          for e in ("gae", "reinforce", "reinforce_baseline", "flash_reinforce")],
+        (["--cropi.val_datasets", "{val}", "--actor.policy_loss_type", "gspo"], "--actor.policy_loss_type gspo: "),
+        (["--cropi.val_datasets", "{val}", "--algo.kl.init_coef", "0.01"], "--algo.kl.init_coef 0.01 without --algo.kl.use_loss"),
+        (["--cropi.val_datasets", "{val}", "--reward.overlong_buffer_len", "5000"], "--reward.overlong_buffer_len: "),
     ],
 )
-def test_bad_input_is_a_clear_startup_error(files, extra, message):
+def test_bad_input_is_a_clear_startup_error(files, extra, message, capsys):
+    """The job exits 2 before anything starts (no Ray, no checkpoint directory), and the last line
+    of stderr names the flag."""
+    import ray
+
     tmp_path, pool, val = files
     badkey = tmp_path / "badkey.jsonl"
     badkey.write_text(json.dumps({"question": "q", "label": "1"}) + "\n")
     fill = {"tmp": tmp_path, "val": val, "badkey": badkey}
+    argv = _argv(tmp_path, pool, "--cropi.enable", *[e.format(**fill) for e in extra])
     with pytest.raises(CropiFlagError) as error:
-        parse_args(_argv(tmp_path, pool, "--cropi.enable", *[e.format(**fill) for e in extra]))
+        parse_args(argv)
     assert str(error.value).startswith("--")  # names the flag first
     assert message.format(**fill) in str(error.value)
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2 and not ray.is_initialized() and not (tmp_path / "ckpt").exists()
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("train_ppo_ray: error: --")
 
 
 def test_micro_batch_budget_defaults_to_the_training_micro_batch(files):

@@ -125,7 +125,8 @@ def _with_log_beta_from(initial_model, job_store, out, temperature):
                 with torch.no_grad():
                     logits = model(torch.cat([rec.prompt_ids, ids]).unsqueeze(0)).logits[0, len(rec.prompt_ids) - 1 : -1]
                 behavior.append(torch.log_softmax(logits / temperature, -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1))
-        records.append(PromptRollouts(i, rec.text, rec.label, rec.row, rec.prompt_ids, rec.responses, rec.rewards, behavior))
+        records.append(PromptRollouts(i, rec.text, rec.label, rec.row, rec.prompt_ids, rec.responses, rec.rewards, behavior,
+                                      truncated=rec.truncated))
     store.append(records)
     return out
 
@@ -168,7 +169,8 @@ def test_two_phases_offline_equality_and_resume(cpu_env, tiny_models, tmp_path):
     subprocess.run(
         [sys.executable, "-m", "openrlhf_cropi.cli.cropi", "score", "--model", str(step2),
          "--train", str(offline_stores["pool"]), "--val", str(offline_stores["val0"]), "--keep-ratio", "0.5",
-         "--proj-dim", "256", "--projector", "sjlt", "--seed", "0", "--out", str(out)],
+         "--proj-dim", "256", "--projector", "sjlt", "--seed", "0", "--out", str(out),
+         "--loss-agg-mode", "token-mean"],  # the job's: OpenRLHF's default
         check=True, capture_output=True, text=True,
     )  # fmt: skip
     offline = {e["index"]: e["cosines"] for e in json.loads(out.read_text())["prompts"]}

@@ -59,7 +59,7 @@ def test_side_computation_leaves_training_identical(cpu_env, tiny_models, tmp_pa
     from openrlhf.trainer.ray.launcher import RayActorGroup
     from openrlhf.utils import get_strategy
 
-    from openrlhf_cropi.ray.policy_actor import CropiPolicyModelActor, num_passes
+    from openrlhf_cropi.ray.policy_actor import CropiPolicyModelActor
 
     model = str(tiny_models[0])
     projector = {"keep_ratio": 0.5, "proj_dim": 64, "kind": "sjlt", "seed": 0}
@@ -77,11 +77,11 @@ def test_side_computation_leaves_training_identical(cpu_env, tiny_models, tmp_pa
             groups[name] = group = RayActorGroup(1, 1, CropiPolicyModelActor, num_gpus_per_actor=1)
             ray.get(group.async_init_model_from_pretrained(get_strategy(args), model, 10, None))
 
-        shares, passes = [ray.put(_items())], [num_passes(_items(), 64)]
+        shares = [ray.put(_items())]
         for step in range(2):
             if step == 0:
-                ray.get(groups["with_cropi"].async_run_method("cropi_behavior_log_probs", shares, passes, 1.0, 64))
-            ray.get(groups["with_cropi"].async_run_method("cropi_project", shares, passes, projector, 64))
+                ray.get(groups["with_cropi"].async_run_method("cropi_behavior_log_probs", shares, 1.0, 64))
+            ray.get(groups["with_cropi"].async_run_method("cropi_project", shares, projector, 64))
             for group in groups.values():
                 ray.get(group.async_run_method("append", _experience(step)))
                 ray.get(group.async_run_method("fit", kl_ctl=1e-3))

@@ -7,14 +7,20 @@ projector (the objective itself is checked against an explicit autograd loop in 
 The actor computes it through the DeepSpeed engine's module with the prompts sharded over its
 data-parallel ranks, each parameter's gradient projected as it is produced: one rank with
 ZeRO-2, two ranks (gloo) with ZeRO-2, and with ZeRO-3 and gradient checkpointing (the 7B
-recipe's setting), must all give the oracle's vectors.
+recipe's setting), must all give the oracle's vectors; so must two ZeRO-3 ranks on a model with
+tied embeddings (Qwen2.5-0.5B/1.5B, SmolLM2). The ranks read their prompts from a rollout
+store, as in a job; one that cannot find its prompt stops every rank with an error naming its
+node and the chunk, instead of leaving the others waiting in a collective.
 """
+
+import time
+
 
 import pytest
 import torch
 
 from openrlhf_cropi.cli.train_ppo_ray import parse_args
-from openrlhf_cropi.core.advantages import group_advantages
+from openrlhf_cropi.core.advantages import Objective
 from openrlhf_cropi.core.gradients import (
     behavior_log_probs,
     causal_lm_log_prob_fn,
@@ -23,6 +29,7 @@ from openrlhf_cropi.core.gradients import (
     surrogate_objective,
 )
 from openrlhf_cropi.core.projection import SparseProjector
+from openrlhf_cropi.core.store import PromptRollouts, RolloutStore
 
 pytestmark = [pytest.mark.host, pytest.mark.e2e]
 
@@ -30,6 +37,7 @@ ray = pytest.importorskip("ray")
 
 PROJECTOR = {"keep_ratio": 0.5, "proj_dim": 512, "kind": "sjlt", "seed": 3}
 MAX_TOKENS = 40  # forces several micro-batches per prompt
+OBJECTIVE = Objective(loss_agg_mode="token-mean")  # OpenRLHF's default aggregation, as the job's args say
 
 
 def _items(model_dir, behavior_dir):
@@ -52,16 +60,25 @@ def _items(model_dir, behavior_dir):
     return items
 
 
+def _store(path, items):
+    """The items as a job's rollout store holds them: (store path, prompt index, chunk files) per prompt."""
+    store = RolloutStore.create(path, {"model": "tiny"})
+    store.append([PromptRollouts(n, f"p{n}", None, {}, it["prompt_ids"], it["responses"], it["rewards"],
+                                 behavior_logprobs=it["behavior"]) for n, it in enumerate(items)])  # fmt: skip
+    return [(str(path), n, store.chunks_of(n)) for n in range(len(items))]
+
+
 def _full_gradient(fn, params, it):
     """Every parameter's whole gradient, one autograd.grad per micro-batch (the actor's micro-batches)."""
-    responses, advantages = it["responses"], group_advantages(it["rewards"])
+    responses = it["responses"]
+    weights = OBJECTIVE.weights(it["rewards"], [len(r) for r in responses])
     total = [torch.zeros(p.shape) for p in params]
     for batch in plan_micro_batches([len(r) for r in responses], len(it["prompt_ids"]), MAX_TOKENS):
         ids, attn, act = pack_micro_batch(it["prompt_ids"], [responses[k] for k in batch], "cpu")
         behavior = torch.zeros(act.shape)
         for row, k in enumerate(batch):
             behavior[row, : len(responses[k])] = it["behavior"][k]
-        objective = surrogate_objective(fn(ids, attn, act), behavior, act, advantages[batch], len(responses))
+        objective = surrogate_objective(fn(ids, attn, act), behavior, act, weights[batch])
         for acc, part in zip(total, torch.autograd.grad(objective, params)):
             acc += part
     return total
@@ -78,11 +95,14 @@ def _oracle(model_dir, items):
     return torch.stack([projector.project(_full_gradient(fn, params, it)) for it in items])
 
 
-def _actor_vectors(model_dir, items, ranks, zero_stage, checkpointing):
+def _actor_vectors(model_dir, reads, ranks, zero_stage, checkpointing, unreadable=None):
+    """The actor's vectors of the stored prompts, rank r on reads[r::ranks] as the trainer shares
+    them. ``unreadable``: a read (path, index, chunks) of a prompt the store lacks, then given to
+    the last rank in a second call, whose error is returned as well."""
     from openrlhf.trainer.ray.launcher import RayActorGroup
     from openrlhf.utils import get_strategy
 
-    from openrlhf_cropi.ray.policy_actor import CropiPolicyModelActor, num_passes
+    from openrlhf_cropi.ray.policy_actor import CropiPolicyModelActor
 
     args = parse_args(
         ["--actor.model_name_or_path", str(model_dir), "--actor.num_gpus_per_node", str(ranks),
@@ -95,39 +115,87 @@ def _actor_vectors(model_dir, items, ranks, zero_stage, checkpointing):
     try:
         group = RayActorGroup(1, ranks, CropiPolicyModelActor, num_gpus_per_actor=1)
         ray.get(group.async_init_model_from_pretrained(get_strategy(args), str(model_dir), 10, None))
-        # As the trainer calls it: rank r's share is items[r::ranks], one object reference each.
-        shares = [items[r::ranks] for r in range(ranks)]
-        passes = [num_passes(share, MAX_TOKENS) for share in shares]
-        refs = [ray.put(share) for share in shares]
-        per_rank = ray.get(group.async_run_method("cropi_project", refs, passes, PROJECTOR, MAX_TOKENS))
-        vectors = [None] * len(items)
+        shares = [reads[r::ranks] for r in range(ranks)]
+        per_rank = ray.get(group.async_run_method("cropi_project", shares, PROJECTOR, MAX_TOKENS))
+        vectors = [None] * len(reads)
         for rank, rows in enumerate(per_rank):
             vectors[rank::ranks] = rows
         assert all(v is not None for v in vectors)
-        return torch.stack(vectors)
+        errors = None
+        if unreadable is not None:
+            shares[-1] = shares[-1] + [unreadable]
+            t0 = time.time()
+            refs = group.async_run_method("cropi_project", shares, PROJECTOR, MAX_TOKENS)
+            errors = []
+            for ref in refs:
+                with pytest.raises(ray.exceptions.RayTaskError) as caught:
+                    ray.get(ref, timeout=120)
+                errors.append(str(caught.value))
+            errors.append(time.time() - t0)
+        return torch.stack(vectors), errors
     finally:
         ray.shutdown()
 
 
-def test_sharded_zero2_and_zero3_match_the_oracle(cpu_env, tiny_models):
-    model_dir, behavior_dir = tiny_models
-    items = _items(model_dir, behavior_dir)
-    oracle = _oracle(model_dir, items)
-    assert oracle.norm(dim=-1).min() > 0
-
+def _check(got, oracle, what):
     # Tolerance relative to each vector's norm: float32 round-off. The actor sums the
     # projections of each parameter's and micro-batch's gradient, the oracle projects the sum;
     # seen 5.0e-7 (ZeRO-2) and 5.1e-7 (ZeRO-3 with checkpointing). (Before the CPU patch made
     # ZeRO-3 gathers sequential, a racy checkpoint load sometimes left garbage weights, and the
     # ZeRO-3 case failed with non-finite vectors.)
+    error = (got - oracle).norm(dim=-1) / oracle.norm(dim=-1)
+    cos = torch.nn.functional.cosine_similarity(got, oracle, dim=-1)
+    print(f"{what}: max relative error {error.max():.2e}, min cosine {cos.min():.6f}")
+    assert error.max() < 1e-5, error
+    assert cos.min() > 0.999
+
+
+def test_sharded_zero2_and_zero3_match_the_oracle(cpu_env, tiny_models, tmp_path):
+    model_dir, behavior_dir = tiny_models
+    items = _items(model_dir, behavior_dir)
+    reads = _store(tmp_path / "store", items)
+    oracle = _oracle(model_dir, items)
+    assert oracle.norm(dim=-1).min() > 0
     results = {}
-    for ranks, zero_stage, checkpointing, tolerance in [(1, 2, False, 1e-5), (2, 2, False, 1e-5), (2, 3, True, 1e-5)]:
-        got = results[ranks, zero_stage] = _actor_vectors(model_dir, items, ranks, zero_stage, checkpointing)
-        error = (got - oracle).norm(dim=-1) / oracle.norm(dim=-1)
-        cos = torch.nn.functional.cosine_similarity(got, oracle, dim=-1)
-        print(f"{ranks} rank(s), ZeRO-{zero_stage}, checkpointing {checkpointing}: "
-              f"max relative error {error.max():.2e}, min cosine {cos.min():.6f}")  # fmt: skip
-        assert error.max() < tolerance, error
-        assert cos.min() > 0.999
+    for ranks, zero_stage, checkpointing in [(1, 2, False), (2, 2, False), (2, 3, True)]:
+        missing = (str(tmp_path / "store"), 99, ["chunk-000007.pt"]) if zero_stage == 3 else None
+        got, errors = _actor_vectors(model_dir, reads, ranks, zero_stage, checkpointing, missing)
+        results[ranks, zero_stage] = got
+        _check(got, oracle, f"{ranks} rank(s), ZeRO-{zero_stage}, checkpointing {checkpointing}")
     # Sharding the prompts over ranks changes nothing: each prompt is computed whole on one rank.
     torch.testing.assert_close(results[2, 2], results[1, 2], rtol=0, atol=0)
+    # The ZeRO-3 rank that could not find prompt 99 names its node and the chunk; the other rank
+    # stops too, before any collective pass (no hang), after the reader's re-listing retries.
+    *errors, seconds = errors
+    assert "policy rank 1 on" in errors[1] and "prompt 99" in errors[1] and "chunk-000007.pt" in errors[1]
+    assert "another policy rank could not read its prompts" in errors[0]
+    assert seconds < 90
+
+
+def test_zero3_on_a_tied_embedding_model_matches_the_oracle(cpu_env, tmp_path):
+    """lm_head and the embedding share one tensor: its gradient is the sum of both uses, and under
+    ZeRO-3 it is one partitioned parameter gathered for both."""
+    from openrlhf_cropi.tiny_model import build_tiny_model
+
+    model_dir = build_tiny_model(tmp_path / "tied", seed=0, tie_word_embeddings=True)
+    behavior_dir = build_tiny_model(tmp_path / "tied-behavior", seed=1, tie_word_embeddings=True)
+    items = _items(model_dir, behavior_dir)
+    oracle = _oracle(model_dir, items)
+    got, _ = _actor_vectors(model_dir, _store(tmp_path / "store", items), 2, 3, False)
+    _check(got, oracle, "2 ranks, ZeRO-3, tied embeddings")
+
+
+def test_zero3_refuses_moe_leaf_modules(tiny_models):
+    """DeepSpeed's ZeRO-3 leaf modules (OpenRLHF marks MoE blocks so) are refused, naming the flag."""
+    from deepspeed.utils import set_z3_leaf_modules
+    from transformers import AutoModelForCausalLM
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP
+
+    from openrlhf_cropi.flags import CropiFlagError
+    from openrlhf_cropi.ray.policy_actor import check_zero3_leaf_modules
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models[0])
+    check_zero3_leaf_modules(model)  # a dense model passes
+    set_z3_leaf_modules(model, [Qwen2MLP])
+    with pytest.raises(CropiFlagError, match=r"^--ds.zero_stage 3: .* leaf module"):
+        check_zero3_leaf_modules(model)
