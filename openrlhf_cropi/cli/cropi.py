@@ -50,7 +50,7 @@ from ..core.advantages import ESTIMATORS, LOSS_AGG_MODES, Objective
 from ..core.gradients import behavior_log_probs, causal_lm_log_prob_fn, projected_gradient
 from ..core.projection import KINDS, SparseProjector
 from ..core.scoring import METHODS, choose_validation, pool_cosines, select_prompts, validation_vector
-from ..core.store import PromptRollouts, RolloutStore, StoreError, reward_source
+from ..core.store import PromptRollouts, RolloutStore, StoreBusyError, StoreError, reward_source
 
 SCORES_FORMAT, SCORES_VERSION = "cropi-scores", 1
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -118,6 +118,8 @@ def _encode(tokenizer, text: str) -> list[int]:
 def _store_for_writing(path: Path, meta: dict) -> RolloutStore:
     try:
         return RolloutStore.create(path, meta, exist_ok=True)
+    except StoreBusyError as e:  # another `cropi rollouts` (or job) writes it now
+        raise CliError(str(e)) from None
     except StoreError as e:
         raise CliError(f"{e} (use a new --out, or the same options to resume)") from None
 

@@ -1,6 +1,7 @@
 """`cropi` end to end on a tiny model: import -> score -> select, resume, and malformed inputs."""
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -104,6 +105,11 @@ def test_import_resumes_without_redoing_work(env, tmp_path, capsys):
     assert set(before) < {p.name for p in (tmp_path / "s").iterdir()}
     assert run(*args[:-1], 32, "--jsonl", src) == 2  # other options: refuses to mix
     assert "made with" in capsys.readouterr().err
+    running = RolloutStore.create(tmp_path / "s", RolloutStore(tmp_path / "s").meta, exist_ok=True)  # a writer now
+    assert run(*args, "--jsonl", src) == 2  # a second writer stops at once, naming the store and the holder
+    assert f"s: another process is writing this store (pid {os.getpid()} on " in capsys.readouterr().err
+    running.close()
+    assert run(*args, "--jsonl", src) == 0
 
 
 def explicit_gradient(model, rec):
