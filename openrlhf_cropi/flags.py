@@ -15,6 +15,7 @@ from types import SimpleNamespace
 
 from openrlhf_cropi.core.advantages import ESTIMATORS, Objective
 from openrlhf_cropi.core.projection import check_dense_cost
+from openrlhf_cropi.core.scoring import METHODS as SELECTORS
 
 SUPPORTED_OPENRLHF = "0.11.2"
 # Why an estimator's advantages cannot be computed from one prompt's K behavior rollouts.
@@ -25,7 +26,6 @@ _UNSCORABLE = {
     "gives even prompts without reward variance a gradient)",
     "flash_reinforce": "its baseline is the mean reward of the whole rollout batch",
 }
-SELECTORS = ("influence", "random", "learnability", "pass_rate")
 PROJECTORS = ("sjlt", "gaussian", "rademacher")
 
 
@@ -102,7 +102,12 @@ class CropiArgs:
         "from other data or settings is refused.",
     )
     selector: str = _flag(
-        "influence", "How the subset is chosen; the baselines run through the identical pipeline.", choices=SELECTORS
+        "influence",
+        "How the subset is chosen; the baselines run through the identical pipeline. random: uniform over the pool; "
+        "variance: uniform over the prompts whose behavior rewards (as training sees them) vary, the DAPO-style "
+        "filter; both draw afresh each phase. learnability: highest p(1-p) of the behavior pass rate p; pass_rate: "
+        "lowest p among prompts with variance.",
+        choices=SELECTORS,
     )
 
     def __post_init__(self):

@@ -36,7 +36,7 @@ from typing import Callable, Sequence
 import torch
 from tqdm import tqdm
 
-METHODS = ("influence", "random", "learnability", "pass_rate")
+METHODS = ("influence", "random", "variance", "learnability", "pass_rate")
 
 
 def num_to_select(alpha: float, pool_size: int) -> int:
@@ -194,6 +194,8 @@ def select_prompts(
     method:
       influence     RRF of ``cosines`` (one [N] tensor per validation set) over ``scored`` prompts
       random        seeded uniform scores, whole pool
+      variance      seeded uniform scores among ``usable`` prompts (reward variance and a gradient:
+                    the DAPO-style filter, the strong cheap baseline)
       learnability  p (1 - p) of the behavior pass rate p, highest first
       pass_rate     lowest behavior pass rate first (hardest prompts that still have variance)
     """
@@ -203,9 +205,10 @@ def select_prompts(
     if len(pass_rate) != n_pool:
         raise ValueError(f"{len(pass_rate)} pass rates for a pool of {n_pool}")
     n = num_to_select(alpha, n_pool)
-    if method == "random":
+    if method in ("random", "variance"):
         scores = torch.rand(n_pool, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-        return select_top(scores, n, torch.ones(n_pool, dtype=torch.bool)), scores
+        eligible = torch.ones(n_pool, dtype=torch.bool) if method == "random" else usable
+        return select_top(scores, n, eligible), scores
     tie_break = tie_break_permutation(n_pool, seed)
     if method == "influence":
         if scored is None or not cosines:

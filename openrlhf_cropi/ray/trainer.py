@@ -422,7 +422,8 @@ class _CropiPPOTrainer(PPOTrainer.__ray_actor_class__):
         status = {"cropi/phase": phase, "cropi/prompts_zero_variance": float(pool.zero_variance.sum()),
                   "cropi/prompts_zero_gradient": float(pool.zero_gradient.sum())}  # fmt: skip
         # A fresh random draw each phase; the others break ties by one seeded order in every phase.
-        seed = self.cropi.seed + phase if self.cropi.selector == "random" else self.cropi.seed
+        drawn = self.cropi.selector in ("random", "variance")
+        seed = self.cropi.seed + phase if drawn else self.cropi.seed
         if self.cropi.selector != "influence":
             selected, scores = self._select_prompts(phase, self.cropi.selector, self.cropi.alpha, usable, pass_rate,
                                                     seed=seed)  # fmt: skip
@@ -510,7 +511,7 @@ class _CropiPPOTrainer(PPOTrainer.__ray_actor_class__):
             "cosines": [finite_or_none(c) for c in cosines],
             "status": status,
         }
-        if self.cropi.selector != "random":
+        if self.cropi.selector not in ("random", "variance"):
             # Among equal scores, the prompt earlier in this permutation wins; the same in every phase.
             record["tie_break"] = {"seed": seed, "permutation": tie_break_permutation(len(scores), seed).tolist()}
         rows = self.splits["pool"][1]

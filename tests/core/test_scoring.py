@@ -94,6 +94,23 @@ def test_baselines_on_hand_built_pass_rates():
         select_prompts("influence", 0.5, has_var, rate)  # no cosines
 
 
+def test_variance_draws_uniformly_among_prompts_with_variance_only():
+    """The DAPO-style baseline: never a prompt without reward variance, every one with it equally
+    often over seeds (phases), and the pool's alpha share as long as enough have variance."""
+    n = 40
+    rate = torch.tensor([0.0, 1.0, 0.5, 0.25] * (n // 4), dtype=torch.float64)
+    has_var = (rate > 0) & (rate < 1)  # 20 of 40
+    counts = torch.zeros(n)
+    for seed in range(400):
+        chosen, _ = select_prompts("variance", 0.25, has_var, rate, seed=seed)
+        assert len(chosen) == 10 and all(has_var[i] for i in chosen)
+        counts[chosen] += 1
+    assert counts[~has_var].sum() == 0
+    # each of the 20 is drawn with probability 10/20: 200 of 400 expected, binomial s.d. 10
+    assert counts[has_var].min() > 160 and counts[has_var].max() < 240, counts
+    assert select_prompts("variance", 0.25, has_var, rate, seed=1)[0] != select_prompts("variance", 0.25, has_var, rate, seed=2)[0]
+
+
 def test_baseline_ties_follow_a_seeded_permutation_not_file_order():
     """Learnability and pass rates take few distinct values at K = 8: most of the pool ties. The
     tie-break must not pick "the first prompts in file order" (those of the first source file),
