@@ -301,7 +301,7 @@ class RolloutStore:
     @classmethod
     def create(cls, path: str | Path, meta: dict, exist_ok: bool = False) -> "RolloutStore":
         """Make a new store and hold its writer's lock; with ``exist_ok`` reopen an existing one
-        whose meta is identical. The lock lasts as long as the returned store (or its process)."""
+        whose meta is identical. The lock is held until ``close()`` or the end of the process."""
         path = Path(path)
         header = {"format": FORMAT, "version": VERSION, "meta": json.loads(json.dumps(meta))}
         if (path / "meta.json").exists() and not exist_ok:

@@ -149,7 +149,7 @@ class _CropiPolicyModelActor(PolicyModelActor.__ray_actor_class__):
         try:
             mine, error = _read_share(share, need_behavior), None
             passes = num_passes(mine, max_tokens, objective)
-        except StoreError as e:
+        except Exception as e:  # any failure here is agreed on: no other rank may wait for this one
             mine, error, passes = [], e, 0
         if dist.is_initialized():
             device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
