@@ -158,8 +158,8 @@ def zero_gradient(first: Sequence[int], weights: torch.Tensor) -> bool:
     every such sum is 0 (identical responses with different rewards, whose advantages cancel:
     the reward is not deterministic), g_s is 0 and any score would be round-off noise. The
     reference code drops such prompts by a threshold on sum |g|; here they are recognised
-    exactly, before any forward pass (float64: a true cancellation leaves ~1e-16 of the largest
-    weight).
+    exactly, before any forward pass. Pass weights computed from float64 rewards: a true
+    cancellation then leaves ~1e-16 of the largest weight (float32 leaves ~1e-8, too much).
     """
     w = torch.as_tensor(weights, dtype=torch.float64)
     largest = w.abs().max().item() if len(w) else 0.0

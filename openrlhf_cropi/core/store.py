@@ -482,7 +482,8 @@ def _shaped(c: dict, objective: Objective) -> tuple[torch.Tensor, torch.Tensor]:
             flags.append(False)
         else:
             first = first_copies([tokens[offsets[j] : offsets[j + 1]] for j in range(r, r + k)])
-            flags.append(zero_gradient(first, objective.weights(c["rewards"][rows], lengths[rows],
+            # float64 weights: a true cancellation of copies then leaves ~1e-16, not float32's ~1e-8
+            flags.append(zero_gradient(first, objective.weights(c["rewards"][rows].double(), lengths[rows],
                                                                 c["truncated"][rows].tolist())))  # fmt: skip
         r += k
     return (torch.cat(rewards) if rewards else torch.zeros(0)), torch.tensor(flags, dtype=torch.bool)

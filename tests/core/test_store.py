@@ -259,7 +259,11 @@ def test_summary_rewards_are_the_ones_training_sees(tmp_path):
     assert s.rewards[3:].tolist() == [-0.5, -0.5] and s.usable.tolist() == [False, False]
     s = store.summary(Objective(stop_properly_penalty_coef=0.5))
     assert s.rewards[3:].tolist() == [0.5, 0.0] and s.usable.tolist() == [False, True]
-    assert list(store.prompts()) == [(0, "a", None), (1, "b", None)]
+    # Copies whose non-binary rewards (0.1 / 0.3, inexact in float32) cancel: a zero gradient.
+    store.append([PromptRollouts(2, "c", None, {}, [1], [[5], [5], [6], [6]], [0.1, 0.3, 0.1, 0.3])])
+    s = store.summary(Objective(loss_agg_mode="token-mean"))
+    assert s.zero_gradient.tolist() == [False, False, True] and not s.usable[2]
+    assert list(store.prompts()) == [(0, "a", None), (1, "b", None), (2, "c", None)]
 
 
 _HOLD = textwrap.dedent("""

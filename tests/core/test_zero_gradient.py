@@ -33,11 +33,13 @@ def test_identical_responses_with_cancelling_advantages(tiny_lm):
         "a a b b, rewards 1 1 0 0 (copies agree)": ([a, a, b, b], [1.0, 1.0, 0.0, 0.0], False),
         "a a b c, rewards 0 1 0 1": ([a, a, b, c], [0.0, 1.0, 0.0, 1.0], False),
         "a b c, all rewards equal (zero variance, counted apart)": ([a, b, c], [1.0, 1.0, 1.0], False),
+        # rewards that float32 cannot hold exactly: the copies' advantages still cancel
+        "a a b b, rewards 0.1 0.3 0.1 0.3": ([a, a, b, b], [0.1, 0.3, 0.1, 0.3], True),
     }
     reference = explicit_gradient(tiny_lm, prompt, [a, b, c], [0.0, 1.0, 0.5]).norm()
     assert reference > 1e-3
     for name, (responses, rewards, want) in cases.items():
-        weights = Objective().weights(rewards, [len(r) for r in responses])
+        weights = Objective().weights(torch.tensor(rewards, dtype=torch.float64), [len(r) for r in responses])
         assert zero_gradient(first_copies(responses), weights) == want, name
         norm = explicit_gradient(tiny_lm, prompt, responses, rewards).norm()
         if want:  # what the reference code's |g| threshold is for: a gradient of round-off only

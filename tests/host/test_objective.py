@@ -83,7 +83,6 @@ def _oracle(model, args, rewards, behavior):
 
     advantages, mask = _openrlhf_advantages(args, rewards)
     params = list(model.parameters())
-    log_probs = torch.zeros(mask.shape)
     old = torch.zeros(mask.shape)
     rows = [_token_log_probs(model, r) for r in RESPONSES]
     log_probs = torch.stack([torch.nn.functional.pad(lp, (0, mask.shape[1] - len(lp))) for lp in rows])
