@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from openrlhf_cropi.core.scoring import pool_cosines, select_prompts, tie_break_permutation
+from openrlhf_cropi.core.scoring import pool_cosines, projected_cosines, select_prompts, tie_break_permutation
 from openrlhf_cropi.core.store import PromptRollouts, RolloutStore
 
 
@@ -62,8 +62,9 @@ def phase(store_path: Path, proj_dim: int, val_sets: int, alpha: float, chunk: i
     bank = torch.randn(1024, proj_dim, generator=torch.Generator().manual_seed(0))  # stands in for the ranks
     targets = [bank[v * 100 : (v + 1) * 100].double().mean(0) for v in range(val_sets)]
     t = time.perf_counter()
-    cosines, _ = pool_cosines(torch.nonzero(usable).flatten().tolist(), len(summary),
-                              lambda positions: [bank[p % len(bank)].clone() for p in positions], targets, chunk)  # fmt: skip
+    cosines, _ = pool_cosines(torch.nonzero(usable).flatten().tolist(), len(summary), len(targets),
+                              projected_cosines(lambda positions: [bank[p % len(bank)].clone() for p in positions],
+                                                targets), chunk)  # fmt: skip
     times["scoring"] = time.perf_counter() - t
     t = time.perf_counter()
     selected, scores = select_prompts("influence", alpha, usable, summary.pass_rate, cosines, ~torch.isnan(cosines[0]))

@@ -26,7 +26,7 @@ _UNSCORABLE = {
     "gives even prompts without reward variance a gradient)",
     "flash_reinforce": "its baseline is the mean reward of the whole rollout batch",
 }
-PROJECTORS = ("sjlt", "gaussian", "rademacher")
+PROJECTORS = ("sjlt", "gaussian", "rademacher", "none")
 
 
 class CropiFlagError(ValueError):
@@ -77,8 +77,17 @@ class CropiArgs:
         "sjlt",
         "Random projection of the kept coordinates. sjlt costs one pass over each gradient; the dense gaussian "
         "and rademacher cost proj_dim x kept coordinates per micro-batch and are refused at startup above "
-        "2^34 matrix entries.",
+        "2^34 matrix entries. none: exact cosines with the full gradients, no projection (--cropi.keep_ratio and "
+        "--cropi.proj_dim unused); each policy rank then keeps every validation set's mean gradient and one "
+        "gradient buffer, (V + 1) x 4 bytes per parameter for V validation sets (under ZeRO-3 too: full-size), "
+        "during selection; checked at startup against the device's free memory.",
         choices=PROJECTORS,
+    )
+    grad_layers: int = _flag(
+        0,
+        "Take CROPI's gradients with respect to the top N transformer blocks and what lies above them (final "
+        "norm, an untied lm_head) only: the backward stops below them, so the lower blocks cost a forward and no "
+        "backward. 0: every parameter. A head tied to the input embedding is left out with it.",
     )
     max_tokens_per_gpu: int = _flag(
         None,
@@ -134,6 +143,8 @@ class CropiArgs:
                 raise CropiFlagError(f"--cropi.{name}: group-normalised advantages need >= 2, got {getattr(self, name)}")
         if not self.behavior_temperature > 0:
             raise CropiFlagError(f"--cropi.behavior_temperature: must be > 0, got {self.behavior_temperature}")
+        if self.grad_layers < 0:
+            raise CropiFlagError(f"--cropi.grad_layers: must be >= 0, got {self.grad_layers}")
         if self.rrf_k < 0:
             raise CropiFlagError(f"--cropi.rrf_k: must be >= 0, got {self.rrf_k}")
 
@@ -171,6 +182,22 @@ def check_projection_cost(cropi: CropiArgs, total_params: int) -> None:
             f"--cropi.projector {cropi.projector}: {error}; use --cropi.projector sjlt, or lower --cropi.proj_dim "
             "or --cropi.keep_ratio"
         ) from None
+
+
+def check_exact_memory(cropi: CropiArgs, total_params: int, free_bytes: int) -> None:
+    """--cropi.projector none is refused where its state cannot fit the device's free memory
+    (called by the policy actors once the model and optimizer are loaded, before any rollout)."""
+    from openrlhf_cropi.core.exact import state_bytes
+
+    num_targets = len(cropi.val_datasets or [])
+    need = state_bytes(num_targets, total_params)
+    if need > free_bytes:
+        raise CropiFlagError(
+            f"--cropi.projector none: exact scores keep {num_targets} validation mean gradient(s) and one gradient "
+            f"buffer of {total_params:,} float32 parameters on each policy rank, {need / 2**30:.1f} GiB, but the "
+            f"device has {free_bytes / 2**30:.1f} GiB free after loading the model; use --cropi.projector sjlt (0.8 "
+            "bytes per parameter at the default keep ratio), or fewer --cropi.val_datasets"
+        )
 
 
 def check_host_args(args: SimpleNamespace) -> None:

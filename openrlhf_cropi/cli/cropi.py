@@ -16,7 +16,7 @@ training (OpenRLHF's ``--rollout.temperature``), whatever temperature the respon
 Scores file (JSON, written atomically)::
 
     {"format": "cropi-scores", "version": 1, "model": M_t, "train": <abs path of S>,
-     "projection": {"kind", "keep_ratio", "proj_dim", "seed", "sjlt_nnz", "total_params"},
+     "projection": {"kind", "keep_ratio", "proj_dim", "seed", "sjlt_nnz", "total_params", "grad_layers"},
      "seed": ..., "val_cap": ...,
      "validation_sets": [{"path", "prompts", "zero_variance", "zero_gradient", "chosen", "used",
                           "nonfinite", "indices": [prompt indices of the chosen validation prompts]}, ...],
@@ -47,9 +47,9 @@ import torch
 from tqdm import tqdm
 
 from ..core.advantages import ESTIMATORS, LOSS_AGG_MODES, Objective
-from ..core.gradients import behavior_log_probs, causal_lm_log_prob_fn, projected_gradient
+from ..core.gradients import behavior_log_probs, causal_lm_log_prob_fn, projected_gradient, top_layers_parameters
 from ..core.projection import KINDS, SparseProjector
-from ..core.scoring import METHODS, choose_validation, pool_cosines, select_prompts, validation_vector
+from ..core.scoring import METHODS, choose_validation, pool_cosines, projected_cosines, select_prompts, validation_vector
 from ..core.store import PromptRollouts, RolloutStore, StoreBusyError, StoreError, reward_source
 
 SCORES_FORMAT, SCORES_VERSION = "cropi-scores", 1
@@ -330,11 +330,10 @@ def _generate(store: RolloutStore, a: argparse.Namespace, src: Path, todo: list,
 class _Scorer:
     """Projected off-policy gradients at the scoring checkpoint, one prompt at a time."""
 
-    def __init__(self, model: torch.nn.Module, projector: SparseProjector, device: torch.device, max_tokens: int | None,
-                 objective: Objective):  # fmt: skip
-        self.model, self.projector, self.device, self.max_tokens = model, projector, device, max_tokens
-        self.objective = objective
-        self.params = [p for p in model.parameters() if p.requires_grad]
+    def __init__(self, model: torch.nn.Module, params: list, projector: SparseProjector, device: torch.device,
+                 max_tokens: int | None, objective: Objective):  # fmt: skip
+        self.model, self.params, self.projector, self.device = model, params, projector, device
+        self.max_tokens, self.objective = max_tokens, objective
 
     def projected(self, store: RolloutStore, rec: PromptRollouts) -> torch.Tensor | None:
         """P g_s, or None when it is not finite."""
@@ -395,7 +394,11 @@ def cmd_score(a: argparse.Namespace) -> None:
             raise CliError(f"{store.path}/meta.json: meta lacks {sorted(missing)}")
     device = _device(a.device)
     model = _load_model(a.model, a.dtype, device)
-    total = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    try:
+        params = top_layers_parameters(model, a.grad_layers)
+    except ValueError as e:
+        raise CliError(f"--grad-layers: {e}") from None
+    total = sum(p.numel() for p in params)
     try:
         projector = SparseProjector(total, a.keep_ratio, a.proj_dim, a.projector, a.seed, a.sjlt_nnz)
     except ValueError as e:
@@ -404,7 +407,7 @@ def cmd_score(a: argparse.Namespace) -> None:
         objective = Objective(estimator=a.estimator, loss_agg_mode=a.loss_agg_mode)
     except ValueError as e:
         raise CliError(str(e)) from None
-    scorer = _Scorer(model, projector, device, a.max_tokens, objective)
+    scorer = _Scorer(model, params, projector, device, a.max_tokens, objective)
 
     targets, val_info = [], []
     for path, store in zip(a.val, vals):
@@ -417,8 +420,9 @@ def cmd_score(a: argparse.Namespace) -> None:
     candidates = torch.nonzero(summary.usable).flatten().tolist()  # positions in the summary
     _check_forced(train, [index[p] for p in candidates], "with a gradient")
     cosines, nonfinite = pool_cosines(
-        candidates, len(index), lambda positions: [scorer.projected(train, train.get(index[p])) for p in positions],
-        targets, chunk=256, progress="scoring",
+        candidates, len(index), len(targets),
+        projected_cosines(lambda positions: [scorer.projected(train, train.get(index[p])) for p in positions], targets),
+        chunk=256, progress="scoring",
     )  # fmt: skip
     prompts = []
     for p, (i, rate) in enumerate(zip(index, summary.pass_rate.tolist())):
@@ -439,7 +443,7 @@ def cmd_score(a: argparse.Namespace) -> None:
         "model": a.model,
         "train": str(Path(a.train).resolve()),
         "projection": {"kind": a.projector, "keep_ratio": a.keep_ratio, "proj_dim": a.proj_dim, "seed": a.seed,
-                       "sjlt_nnz": a.sjlt_nnz, "total_params": total},
+                       "sjlt_nnz": a.sjlt_nnz, "total_params": total, "grad_layers": a.grad_layers},
         "seed": a.seed,
         "val_cap": a.val_cap,
         "validation_sets": val_info,
@@ -558,6 +562,8 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--proj-dim", type=int, default=32768)
     sc.add_argument("--projector", choices=KINDS, default="sjlt")
     sc.add_argument("--sjlt-nnz", type=int, default=1, help="outputs per kept coordinate (sjlt)")
+    sc.add_argument("--grad-layers", type=int, default=0,
+                    help="gradients of the top N transformer blocks and what is above them only (0: every parameter)")
     sc.add_argument("--seed", type=int, default=0, help="projection seed and validation-subset seed")
     sc.add_argument("--val-cap", type=int, default=100, help="validation prompts per set (<= 0: all)")
     sc.add_argument("--max-tokens", type=int, default=None, help="micro-batch token budget (default: each store's)")

@@ -111,6 +111,31 @@ def checkpointing_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
             m.training = training
 
 
+def transformer_blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The model's stack of transformer blocks: the ModuleList holding the most parameters."""
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
+    if not lists:
+        raise ValueError(f"{type(model).__name__} has no ModuleList of transformer blocks")
+    return max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))
+
+
+def top_layers_parameters(model: torch.nn.Module, num_layers: int) -> list[torch.nn.Parameter]:
+    """The trainable parameters of the top ``num_layers`` transformer blocks and of everything
+    outside the blocks except the input embedding (the final norm, an untied lm_head), in model
+    order; 0: every trainable parameter. ``torch.autograd.grad`` with respect to these runs no
+    backward through the blocks below, which is what makes the gradient cheaper. A head tied to
+    the input embedding is left out with it: its gradient would need the whole backward."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if num_layers == 0:
+        return params
+    blocks = transformer_blocks(model)
+    if not 0 < num_layers <= len(blocks):
+        raise ValueError(f"num_layers must be in [0, {len(blocks)}] (the model's blocks), got {num_layers}")
+    below = {id(p) for block in blocks[: len(blocks) - num_layers] for p in block.parameters()}
+    below |= {id(p) for p in model.get_input_embeddings().parameters()}
+    return [p for p in params if id(p) not in below]
+
+
 def plan_micro_batches(response_lengths: Sequence[int], prompt_length: int, max_tokens: int) -> list[list[int]]:
     """Group response indices so that rows * (prompt_length + longest response) <= max_tokens.
 

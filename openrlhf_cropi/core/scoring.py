@@ -23,8 +23,9 @@ influence also drops prompts whose gradient was not finite. If fewer eligible pr
 n_select exist, all eligible ones are selected and a warning says so. ``random`` draws from the
 whole pool.
 
-Cosines are computed chunk by chunk (``pool_cosines``) in float32 on unit-normalised rows: only
-one chunk of projected gradients exists at a time, and none for prompts that are not scored.
+Cosines are computed chunk by chunk (``pool_cosines``): only one chunk of projected gradients
+exists at a time, and none for prompts that are not scored. Exact cosines (no projection) come
+from ``core.exact`` through the same function.
 """
 
 from __future__ import annotations
@@ -76,40 +77,61 @@ def _unit_rows_(rows: torch.Tensor) -> torch.Tensor:
     return rows.div_(rows.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny))
 
 
+def projected_cosines(
+    project: Callable[[list[int]], list[torch.Tensor | None]], targets: Sequence[torch.Tensor]
+) -> Callable[[list[int]], list[torch.Tensor | None]]:
+    """``pool_cosines``'s ``cosines_of`` from projected gradients: ``project(positions)`` returns
+    the [d] vectors of those pool positions (None where not finite), ``targets`` the V projected
+    validation means. Float32 on unit-normalised rows; peak memory: a chunk of vectors twice (as
+    ``project`` returns them, and stacked), chunk x d floats each."""
+    unit_targets = _unit_rows_(torch.stack([t.float() for t in targets]))  # [V, d]
+
+    def cosines_of(positions: list[int]) -> list[torch.Tensor | None]:
+        vectors = project(positions)
+        if len(vectors) != len(positions):
+            raise RuntimeError(f"{len(vectors)} projected gradients for {len(positions)} prompts")
+        finite = [n for n, v in enumerate(vectors) if v is not None]
+        out: list[torch.Tensor | None] = [None] * len(positions)
+        if finite:
+            block = _unit_rows_(torch.stack([vectors[n] for n in finite]).float())  # [C, d]
+            del vectors  # before the cosines: one stacked copy at a time
+            for n, row in zip(finite, (block @ unit_targets.T).unbind(0)):
+                out[n] = row
+        return out
+
+    return cosines_of
+
+
 def pool_cosines(
     candidates: Sequence[int],
     pool_size: int,
-    project: Callable[[list[int]], list[torch.Tensor | None]],
-    targets: Sequence[torch.Tensor],
+    num_targets: int,
+    cosines_of: Callable[[list[int]], list[torch.Tensor | None]],
     chunk: int,
     progress: str | None = None,
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Cosine of each candidate's projected gradient with each validation target, chunk by chunk.
+    """Cosine of each candidate's gradient with each of ``num_targets`` validation targets, chunk by chunk.
 
-    ``project(positions)`` returns the [d] projected gradients of those pool positions (None
-    where not finite). Returns one float32 [pool_size] tensor per target (NaN where not scored)
-    and the bool [pool_size] mask of candidates whose gradient was not finite. Peak memory: a
-    chunk of vectors twice (as ``project`` returns them, and stacked), chunk x d floats each,
-    besides the [V, pool_size] cosines.
+    ``cosines_of(positions)`` returns the [V] cosines of those pool positions (None where the
+    gradient was not finite): ``projected_cosines``, or the exact scores of ``core.exact``.
+    Returns one float32 [pool_size] tensor per target (NaN where not scored) and the bool
+    [pool_size] mask of candidates whose gradient was not finite.
     """
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
-    unit_targets = _unit_rows_(torch.stack([t.float() for t in targets]))  # [V, d]
-    cosines = torch.full((len(targets), pool_size), float("nan"))
+    cosines = torch.full((num_targets, pool_size), float("nan"))
     nonfinite = torch.zeros(pool_size, dtype=torch.bool)
     with tqdm(total=len(candidates), desc=progress, unit="prompt", disable=progress is None) as bar:
         for start in range(0, len(candidates), chunk):
             positions = list(candidates[start : start + chunk])
-            vectors = project(positions)
-            if len(vectors) != len(positions):
-                raise RuntimeError(f"{len(vectors)} projected gradients for {len(positions)} prompts")
-            finite = [n for n, v in enumerate(vectors) if v is not None]
-            nonfinite[[p for n, p in enumerate(positions) if vectors[n] is None]] = True
-            block = _unit_rows_(torch.stack([vectors[n] for n in finite]).float()) if finite else None  # [C, d]
-            del vectors  # before the next chunk arrives
-            if block is not None:
-                cosines[:, [positions[n] for n in finite]] = unit_targets @ block.T
-                del block
+            rows = cosines_of(positions)
+            if len(rows) != len(positions):
+                raise RuntimeError(f"{len(rows)} scores for {len(positions)} prompts")
+            for p, row in zip(positions, rows):
+                if row is None:
+                    nonfinite[p] = True
+                else:
+                    cosines[:, p] = row.float().cpu()
             bar.update(len(positions))
     return list(cosines), nonfinite
 

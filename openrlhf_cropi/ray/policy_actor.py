@@ -28,6 +28,7 @@ from deepspeed.utils import get_z3_leaf_modules
 from openrlhf.trainer.ray.ppo_actor import PolicyModelActor
 from tqdm import tqdm
 
+from openrlhf_cropi.core import exact
 from openrlhf_cropi.core.advantages import Objective, first_copies, zero_variance
 from openrlhf_cropi.core.gradients import (
     behavior_log_probs,
@@ -36,10 +37,11 @@ from openrlhf_cropi.core.gradients import (
     forward_passes,
     projected_gradient,
     stream_gradients,
+    top_layers_parameters,
 )
 from openrlhf_cropi.core.projection import SparseProjector
 from openrlhf_cropi.core.store import RolloutStore, StoreError
-from openrlhf_cropi.flags import CropiFlagError, check_projection_cost, objective_of
+from openrlhf_cropi.flags import CropiFlagError, check_exact_memory, check_projection_cost, objective_of
 
 READ_RETRIES_S = (0.5, 1, 2, 4, 8)  # re-list a store whose new chunk this node does not see yet (NFS caching)
 
@@ -103,12 +105,28 @@ def num_passes(items: list[dict], max_tokens: int, objective: Objective | None =
     return passes
 
 
+def free_device_bytes() -> int:
+    """Free memory of this rank's device: the accelerator's, or the host's available RAM."""
+    if torch.cuda.is_available():
+        return torch.cuda.mem_get_info()[0]
+    with open("/proc/meminfo") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+
+
 class _CropiPolicyModelActor(PolicyModelActor.__ray_actor_class__):
     def init_model_from_pretrained(self, strategy, *args, **kwargs):
         result = super().init_model_from_pretrained(strategy, *args, **kwargs)
         cropi = strategy.args.cropi
-        if cropi.enable and cropi.selector == "influence":  # a dense projector too costly: refused now
-            check_projection_cost(cropi, sum(getattr(p, "ds_numel", p.numel()) for p in self._params()))
+        self._phase_state: dict = {}  # what one phase's scoring keeps on this rank (cropi_end_phase drops it)
+        if cropi.enable and cropi.selector == "influence":  # refused now, not at the first phase
+            try:
+                total = sum(self._numels())
+            except ValueError as error:
+                raise CropiFlagError(f"--cropi.grad_layers {cropi.grad_layers}: {error}") from None
+            if cropi.projector == "none":
+                check_exact_memory(cropi, total, free_device_bytes())
+            else:
+                check_projection_cost(cropi, total)
         if self._zero3():
             check_zero3_leaf_modules(self._cropi_model())
         return result
@@ -117,7 +135,11 @@ class _CropiPolicyModelActor(PolicyModelActor.__ray_actor_class__):
         return self.actor.model.module  # the HF model inside the DeepSpeed engine
 
     def _params(self) -> list[torch.nn.Parameter]:
-        return [p for p in self._cropi_model().parameters() if p.requires_grad]
+        """The parameters CROPI's gradients are taken with respect to (--cropi.grad_layers)."""
+        return top_layers_parameters(self._cropi_model(), self.strategy.args.cropi.grad_layers)
+
+    def _numels(self) -> list[int]:
+        return [getattr(p, "ds_numel", p.numel()) for p in self._params()]  # ZeRO-3 keeps the full size in ds_numel
 
     def _zero3(self) -> bool:
         return self.strategy.args.ds.zero_stage == 3
@@ -181,32 +203,100 @@ class _CropiPolicyModelActor(PolicyModelActor.__ray_actor_class__):
         self._release_memory()
         return out
 
-    def cropi_project(self, shares: list, projector: dict, max_tokens: int) -> list:
-        """Projected off-policy gradient ([d] float32) of each prompt of this rank's share; None
-        where the gradient is not finite. The policy's log-probs are at the temperature OpenRLHF
-        trains with (--rollout.temperature); the responses weigh as in the job's objective."""
+    def _gradient_pass(self, shares: list, max_tokens: int, desc: str, compute) -> list:
+        """``compute(log_prob_fn, params, device, objective, item)`` for each prompt of this rank's
+        share, as the job trains: the policy's log-probs at --rollout.temperature, the responses
+        weighed as in its objective, gradient checkpointing (--actor.gradient_checkpointing_enable)
+        as in training but no dropout; ZeRO-3 ranks padded to the agreed pass count."""
         objective = objective_of(self.strategy.args)
         mine, idle = self._agree(shares[_rank()], True, objective, max_tokens)
         model, device, params = self._cropi_model(), self.actor.model.device, self._params()
-        numels = [getattr(p, "ds_numel", p.numel()) for p in params]  # ZeRO-3 keeps the full size in ds_numel
-        proj = SparseProjector(total_params=sum(numels), **projector)
         log_prob_fn = causal_lm_log_prob_fn(model, self.strategy.args.rollout.temperature)
-        vectors = []
-        # Gradient checkpointing (--actor.gradient_checkpointing_enable) as in training, no dropout.
         with checkpointing_mode(model):
-            for it in tqdm(mine, desc="CROPI gradients", disable=_rank() != 0):
-                vector = projected_gradient(
-                    log_prob_fn, params, proj, it["prompt_ids"], it["responses"], it["rewards"], it["behavior"],
-                    max_tokens, device, numels, truncated=it.get("truncated"), objective=objective,
-                )  # fmt: skip
-                vectors.append(vector.cpu() if bool(torch.isfinite(vector).all()) else None)
+            out = [compute(log_prob_fn, params, device, objective, it)
+                   for it in tqdm(mine, desc=desc, disable=_rank() != 0)]  # fmt: skip
             self._idle_passes(idle, backward=True)
-        self.strategy.print(
-            f"CROPI projection state on {device}: {proj.state_bytes() / 2**30:.2f} GiB "
-            f"({proj.state_bytes() / sum(numels):.3f} bytes per parameter), rebuilt at every phase"
-        )
         self._release_memory()
-        return vectors
+        return out
+
+    def cropi_project(self, shares: list, projector: dict, max_tokens: int) -> list:
+        """Projected off-policy gradient ([d] float32) of each prompt of this rank's share; None
+        where the gradient is not finite. The projector's layout is built at the first call of a
+        phase and kept until ``cropi_end_phase``."""
+        numels = self._numels()
+        key = ("projector", tuple(sorted(projector.items())))
+        if key not in self._phase_state:
+            self._phase_state[key] = SparseProjector(total_params=sum(numels), **projector)
+        proj = self._phase_state[key]
+
+        def compute(log_prob_fn, params, device, objective, it):
+            vector = projected_gradient(
+                log_prob_fn, params, proj, it["prompt_ids"], it["responses"], it["rewards"], it["behavior"],
+                max_tokens, device, numels, truncated=it.get("truncated"), objective=objective,
+            )  # fmt: skip
+            return vector.cpu() if bool(torch.isfinite(vector).all()) else None
+
+        return self._gradient_pass(shares, max_tokens, "CROPI gradients", compute)
+
+    def _exact_buffer(self) -> list[torch.Tensor]:
+        if "buffer" not in self._phase_state:
+            self._phase_state["buffer"] = exact.flat_zeros(self._numels(), self.actor.model.device)
+        return self._phase_state["buffer"]
+
+    def cropi_exact_target(self, shares: list, max_tokens: int) -> list[bool]:
+        """--cropi.projector none: the mean gradient of one validation set, each prompt's on the
+        rank that reads it, summed over the ranks (one all-reduce per parameter) and kept on every
+        rank, full-size, until ``cropi_end_phase``. Returns whether each prompt of this rank's
+        share had a finite gradient (the others are left out of the mean)."""
+        buffer, numels = self._exact_buffer(), self._numels()
+        target = exact.flat_zeros(numels, self.actor.model.device)
+
+        def compute(log_prob_fn, params, device, objective, it):
+            finite = exact.gradient_into(
+                buffer, log_prob_fn, params, it["prompt_ids"], it["responses"], it["rewards"], it["behavior"],
+                max_tokens, device, truncated=it.get("truncated"), objective=objective,
+            )  # fmt: skip
+            if finite:
+                for t, g in zip(target, buffer):
+                    t.add_(g)
+            return finite
+
+        finite = self._gradient_pass(shares, max_tokens, "CROPI validation gradients", compute)
+        used = torch.tensor([float(sum(finite))], dtype=torch.float32, device=target[0].device)
+        if dist.is_initialized():
+            for t in (*target, used):
+                dist.all_reduce(t)
+        if used.item() > 0:
+            for t in target:
+                t.div_(used)
+        self._phase_state.setdefault("targets", []).append(target)
+        self._phase_state.setdefault("target_norms", []).append(exact.squared_norm(target))
+        return finite
+
+    def cropi_exact_cosines(self, shares: list, max_tokens: int) -> list:
+        """--cropi.projector none: the exact cosines ([V] float64) of each prompt of this rank's
+        share with the validation means ``cropi_exact_target`` keeps; None where not finite."""
+        targets, norms, buffer = self._phase_state["targets"], self._phase_state["target_norms"], self._exact_buffer()
+
+        def compute(log_prob_fn, params, device, objective, it):
+            dots = exact.gradient_dots(
+                targets, buffer, log_prob_fn, params, it["prompt_ids"], it["responses"], it["rewards"], it["behavior"],
+                max_tokens, device, truncated=it.get("truncated"), objective=objective,
+            ).cpu()  # fmt: skip
+            return exact.cosines_from_dots(dots, norms) if bool(torch.isfinite(dots).all()) else None
+
+        return self._gradient_pass(shares, max_tokens, "CROPI exact scores", compute)
+
+    def cropi_end_phase(self) -> None:
+        """Drop what this phase's scoring kept (projector layout, exact targets) before training resumes."""
+        for key, value in self._phase_state.items():
+            if isinstance(value, SparseProjector):
+                self.strategy.print(
+                    f"CROPI projection state on {self.actor.model.device}: {value.state_bytes() / 2**30:.2f} GiB "
+                    f"({value.state_bytes() / value.total_params:.3f} bytes per parameter), built once this phase"
+                )
+        self._phase_state.clear()
+        self._release_memory()
 
 
 def check_zero3_leaf_modules(model: torch.nn.Module) -> None:

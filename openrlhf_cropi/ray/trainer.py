@@ -38,6 +38,7 @@ from tqdm import tqdm
 from openrlhf_cropi.core.scoring import (
     choose_validation,
     pool_cosines,
+    projected_cosines,
     select_prompts,
     tie_break_permutation,
     validation_vector,
@@ -461,30 +462,48 @@ class _CropiPPOTrainer(PPOTrainer.__ray_actor_class__):
             raise RuntimeError(f"CROPI phase {phase}: {error}") from None
 
     def _influence(self, phase: int, usable: torch.Tensor, pass_rate: torch.Tensor):
-        """Validation targets first, then the pool chunk by chunk: only one chunk of d-vectors exists at a time."""
+        """Validation targets first, then the pool chunk by chunk: only one chunk of d-vectors (or,
+        exact, of cosines) exists at a time. The ranks keep the phase's projector layout or exact
+        targets until the pool is scored."""
+        max_tokens, exact = self.cropi.max_tokens_per_gpu, self.cropi.projector == "none"
         projector = {"keep_ratio": self.cropi.keep_ratio, "proj_dim": self.cropi.proj_dim,
                      "kind": self.cropi.projector, "seed": self.cropi.seed}  # fmt: skip
         t_grad, nonfinite_val = 0.0, 0
 
-        def project(jobs: list[tuple[str, int]]) -> list:
+        def on_actors(method: str, jobs: list[tuple[str, int]], *args) -> list:
             nonlocal t_grad
             t0 = time.time()
-            vectors = self._on_actors("cropi_project", jobs, projector, self.cropi.max_tokens_per_gpu)
+            out = self._on_actors(method, jobs, *args)
             t_grad += time.time() - t0
-            return vectors
+            return out
 
         targets = []
         for split in (s for s in self.splits if s != "pool"):
-            vectors = [v for v in project([(split, i) for i in self._scored[split]]) if v is not None]
-            nonfinite_val += len(self._scored[split]) - len(vectors)
-            if not vectors:
+            jobs = [(split, i) for i in self._scored[split]]
+            if exact:  # the ranks keep the mean
+                used = sum(on_actors("cropi_exact_target", jobs, max_tokens))
+            else:
+                vectors = [v for v in on_actors("cropi_project", jobs, projector, max_tokens) if v is not None]
+                used = len(vectors)
+                targets.append(validation_vector(torch.stack(vectors)) if vectors else None)
+            nonfinite_val += len(jobs) - used
+            if not used:
                 raise RuntimeError(f"CROPI: no finite validation gradient in {split}")
-            targets.append(validation_vector(torch.stack(vectors)))
+
+        def pool_gradients(positions: list[int]) -> list:
+            jobs = [("pool", p) for p in positions]
+            return on_actors("cropi_exact_cosines", jobs, max_tokens) if exact else \
+                on_actors("cropi_project", jobs, projector, max_tokens)  # fmt: skip
+
+        cosines_of = pool_gradients if exact else projected_cosines(pool_gradients, targets)
         world = self.args.actor.num_nodes * self.args.actor.num_gpus_per_node
-        cosines, nonfinite = pool_cosines(
-            self._scored["pool"], len(usable), lambda positions: project([("pool", p) for p in positions]), targets,
-            chunk=SCORE_CHUNK_PER_RANK * world, progress="CROPI scoring",
-        )  # fmt: skip
+        try:
+            cosines, nonfinite = pool_cosines(
+                self._scored["pool"], len(usable), len(self.splits) - 1, cosines_of,
+                chunk=SCORE_CHUNK_PER_RANK * world, progress="CROPI scoring",
+            )  # fmt: skip
+        finally:
+            ray.get(self.actor_model_group.async_run_method("cropi_end_phase"))
         scored = ~torch.isnan(cosines[0])
         selected, scores = self._select_prompts(
             phase, "influence", self.cropi.alpha, usable, pass_rate, cosines, scored, self.cropi.rrf_k, seed=self.cropi.seed

@@ -20,6 +20,7 @@ from openrlhf_cropi.core.gradients import (
     projected_gradient,
     prompt_gradient,
     stream_gradients,
+    top_layers_parameters,
 )
 from openrlhf_cropi.core.projection import SparseProjector
 
@@ -358,3 +359,30 @@ def test_checkpointing_mode_refuses_dropout():
         with checkpointing_mode(model):
             pass
     assert not any(m.training for m in model.modules())
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_top_layers_gradient_is_the_full_gradients_restriction_without_the_lower_backward(tiny_lm, tiny_tied_lm, tied):
+    model = tiny_tied_lm if tied else tiny_lm
+    fn = causal_lm_log_prob_fn(model)
+    behavior = behavior_log_probs(fn, PROMPT, RESPONSES, 10_000, "cpu")
+    perturb(model)
+    everything = list(model.parameters())
+    full = dict(zip(map(id, everything), prompt_gradient(fn, everything, PROMPT, RESPONSES, REWARDS, behavior, 10_000, "cpu")))
+    top = top_layers_parameters(model, 1)
+    names = {n for n, p in model.named_parameters() if any(p is q for q in top)}
+    want = {n for n, _ in model.named_parameters() if n.startswith("model.layers.1.")} | {"model.norm.weight"}
+    assert names == (want if tied else want | {"lm_head.weight"})  # a tied head goes with the embedding
+    assert top_layers_parameters(model, 0) == everything
+    with pytest.raises(ValueError, match=r"num_layers must be in \[0, 2\]"):
+        top_layers_parameters(model, 3)
+    # The lower block's backward never runs.
+    ran = []
+    handle = model.model.layers[0].register_full_backward_hook(lambda *args: ran.append(1))
+    try:
+        got = prompt_gradient(fn, top, PROMPT, RESPONSES, REWARDS, behavior, 10_000, "cpu")
+    finally:
+        handle.remove()
+    assert not ran
+    for p, g in zip(top, got):
+        torch.testing.assert_close(g, full[id(p)], rtol=1e-5, atol=1e-7)

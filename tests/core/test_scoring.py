@@ -9,6 +9,7 @@ from openrlhf_cropi.core.scoring import (
     num_to_select,
     pass_rates,
     pool_cosines,
+    projected_cosines,
     ranks,
     reciprocal_rank_fusion,
     select_prompts,
@@ -147,7 +148,7 @@ def test_pool_cosines_chunk_by_chunk_against_float64():
         calls.append(positions)
         return [None if p == 7 else bank[p].float() for p in positions]  # 7: non-finite
 
-    cosines, nonfinite = pool_cosines(candidates, n, project, targets, chunk=4)
+    cosines, nonfinite = pool_cosines(candidates, n, 2, projected_cosines(project, targets), chunk=4)
     assert [len(c) for c in calls] == [4, 4, 4, 4, 2] and sum(calls, []) == candidates  # only candidates run
     assert nonfinite.tolist() == [p == 7 for p in range(n)]
     for c, t in zip(cosines, targets):
@@ -158,7 +159,7 @@ def test_pool_cosines_chunk_by_chunk_against_float64():
                 assert c[p].item() == pytest.approx(want.item(), abs=1e-6)
             else:
                 assert torch.isnan(c[p])
-    zero, _ = pool_cosines([0], 1, lambda positions: [torch.zeros(d)], targets, chunk=4)
+    zero, _ = pool_cosines([0], 1, 2, projected_cosines(lambda positions: [torch.zeros(d)], targets), chunk=4)
     assert [c.tolist() for c in zero] == [[0.0], [0.0]]  # a zero vector has cosine 0, not NaN
 
 

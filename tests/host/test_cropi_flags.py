@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from openrlhf_cropi.cli.train_ppo_ray import main, parse_args
-from openrlhf_cropi.flags import CropiFlagError, check_projection_cost, cropi_args
+from openrlhf_cropi.flags import CropiFlagError, check_exact_memory, check_projection_cost, cropi_args
 
 pytestmark = pytest.mark.host
 
@@ -165,6 +165,23 @@ def test_dense_projector_too_costly_for_the_model_is_refused(files):
     with pytest.raises(CropiFlagError, match=r"^--cropi\.projector gaussian: .* matrix entries per gradient .* use "
                                              r"--cropi\.projector sjlt"):  # fmt: skip
         check_projection_cost(cropi_args(args), 1_500_000_000)
+
+
+def test_exact_scores_that_do_not_fit_are_refused(files):
+    """--cropi.projector none keeps (V + 1) float32 model-sized vectors per rank: checked against free memory."""
+    from openrlhf_cropi.ray.policy_actor import free_device_bytes
+
+    tmp_path, pool, val = files
+    args = parse_args(_argv(tmp_path, pool, "--cropi.enable", "--cropi.val_datasets", str(val), str(val),
+                            "--cropi.projector", "none"))  # fmt: skip
+    check_exact_memory(cropi_args(args), 1000, 12_000)  # 3 x 1000 x 4 bytes: fits exactly
+    with pytest.raises(CropiFlagError, match=r"^--cropi\.projector none: .* 2 validation mean gradient\(s\) and one "
+                                             r"gradient buffer of 7,615,616,512 float32 parameters on each policy rank, "
+                                             r"85\.1 GiB, but the device has 80\.0 GiB free .* --cropi\.projector sjlt"):
+        check_exact_memory(cropi_args(args), 7_615_616_512, 80 * 2**30)  # Qwen2.5-7B, two validation sets
+    with open("/proc/meminfo") as f:  # on a CPU, the host's available memory
+        total = int(f.readline().split()[1]) * 1024
+    assert 0 < free_device_bytes() <= total
 
 
 def test_unknown_projector_is_rejected_by_the_parser(files, capsys):

@@ -7,7 +7,8 @@ checkpoint (taken right after the phase-1 selection) is on disk, then resumed wi
 - only the prompts that can be scored were teacher-forced (not the zero-variance ones);
 - phases re-scored at new weights, the sampler switched to each new subset, ties broken by
   one recorded permutation;
-- the in-job phase-1 cosines equal `cropi score` (the offline CLI) on the step-2 checkpoint,
+- the in-job phase-1 cosines equal `cropi score` (the offline CLI) on the step-2 checkpoint, both
+  with gradients of the top block and the head only (--cropi.grad_layers 1 / --grad-layers 1),
   with the job's responses and rewards but log beta recomputed here from the INITIAL model at
   the training temperature: log beta and log pi share one temperature;
 - resuming with a validation set added stops with an error naming it (its rollouts would have
@@ -60,7 +61,7 @@ def _job_command(tmp_path, model, *extra, reward=REWARD, val_label=lambda a: str
         "--cropi.enable", "--cropi.val_datasets", val, *more_val, "--cropi.alpha", "0.25",
         "--cropi.steps_per_phase", "2", "--cropi.num_phases", "3", "--cropi.train_samples", "4",
         "--cropi.val_samples", "4", "--cropi.keep_ratio", "0.5", "--cropi.proj_dim", "256",
-        "--cropi.behavior_temperature", "0.5", "--rollout.temperature", "1.0", *extra,
+        "--cropi.behavior_temperature", "0.5", "--rollout.temperature", "1.0", "--cropi.grad_layers", "1", *extra,
     ]  # fmt: skip
     script = '. launch/local/cpu_env.sh; start_ray 3; trap stop_ray EXIT; python -m openrlhf_cropi.cli.train_ppo_ray "$@"'
     return ["bash", "-c", script, "cropi-job", *map(str, flags)]
@@ -169,7 +170,7 @@ def test_two_phases_offline_equality_and_resume(cpu_env, tiny_models, tmp_path):
     subprocess.run(
         [sys.executable, "-m", "openrlhf_cropi.cli.cropi", "score", "--model", str(step2),
          "--train", str(offline_stores["pool"]), "--val", str(offline_stores["val0"]), "--keep-ratio", "0.5",
-         "--proj-dim", "256", "--projector", "sjlt", "--seed", "0", "--out", str(out),
+         "--proj-dim", "256", "--projector", "sjlt", "--seed", "0", "--out", str(out), "--grad-layers", "1",
          "--loss-agg-mode", "token-mean"],  # the job's: OpenRLHF's default
         check=True, capture_output=True, text=True,
     )  # fmt: skip

@@ -8,7 +8,9 @@ The actor computes it through the DeepSpeed engine's module with the prompts sha
 data-parallel ranks, each parameter's gradient projected as it is produced: one rank with
 ZeRO-2, two ranks (gloo) with ZeRO-2, and with ZeRO-3 and gradient checkpointing (the 7B
 recipe's setting), must all give the oracle's vectors; so must two ZeRO-3 ranks on a model with
-tied embeddings (Qwen2.5-0.5B/1.5B, SmolLM2). The ranks read their prompts from a rollout
+tied embeddings (Qwen2.5-0.5B/1.5B, SmolLM2). The exact scores (--cropi.projector none: validation
+means kept on the ranks, all-reduced) must give the oracle's float64 cosines of the whole gradients
+in every one of these settings. The ranks read their prompts from a rollout
 store, as in a job; one that cannot find its prompt stops every rank with an error naming its
 node and the chunk, instead of leaving the others waiting in a collective.
 """
@@ -38,6 +40,7 @@ ray = pytest.importorskip("ray")
 PROJECTOR = {"keep_ratio": 0.5, "proj_dim": 512, "kind": "sjlt", "seed": 3}
 MAX_TOKENS = 40  # forces several micro-batches per prompt
 OBJECTIVE = Objective(loss_agg_mode="token-mean")  # OpenRLHF's default aggregation, as the job's args say
+VAL_SETS = ([0, 1], [4])  # the items whose mean gradients are the exact scores' validation targets
 
 
 def _items(model_dir, behavior_dir):
@@ -85,6 +88,8 @@ def _full_gradient(fn, params, it):
 
 
 def _oracle(model_dir, items):
+    """The projected vectors of the items, and the exact cosines (float64) of each item's whole
+    gradient with the mean gradient of each of the validation sets VAL_SETS."""
     from transformers import AutoModelForCausalLM
 
     # float32 and eager attention, as the actor holds and runs it
@@ -92,7 +97,11 @@ def _oracle(model_dir, items):
     params = [p for p in model.parameters() if p.requires_grad]
     projector = SparseProjector(total_params=sum(p.numel() for p in params), **PROJECTOR)
     fn = causal_lm_log_prob_fn(model)
-    return torch.stack([projector.project(_full_gradient(fn, params, it)) for it in items])
+    grads = [_full_gradient(fn, params, it) for it in items]
+    flat = [torch.cat([g.reshape(-1) for g in grad]).double() for grad in grads]
+    means = [sum(flat[n] for n in val) / len(val) for val in VAL_SETS]
+    cosines = torch.tensor([[float(torch.nn.functional.cosine_similarity(g, t, dim=0)) for t in means] for g in flat])
+    return torch.stack([projector.project(grad) for grad in grads]), cosines
 
 
 def _actor_vectors(model_dir, reads, ranks, zero_stage, checkpointing, unreadable=None):
@@ -121,6 +130,16 @@ def _actor_vectors(model_dir, reads, ranks, zero_stage, checkpointing, unreadabl
         for rank, rows in enumerate(per_rank):
             vectors[rank::ranks] = rows
         assert all(v is not None for v in vectors)
+        # --cropi.projector none: the validation means kept on the ranks, then exact cosines.
+        for val in VAL_SETS:
+            finite = ray.get(group.async_run_method("cropi_exact_target", [[reads[n] for n in val][r::ranks]
+                                                                           for r in range(ranks)], MAX_TOKENS))  # fmt: skip
+            assert all(all(f) for f in finite)
+        per_rank = ray.get(group.async_run_method("cropi_exact_cosines", shares, MAX_TOKENS))
+        ray.get(group.async_run_method("cropi_end_phase"))
+        cosines = [None] * len(reads)
+        for rank, rows in enumerate(per_rank):
+            cosines[rank::ranks] = rows
         errors = None
         if unreadable is not None:
             shares[-1] = shares[-1] + [unreadable]
@@ -132,9 +151,18 @@ def _actor_vectors(model_dir, reads, ranks, zero_stage, checkpointing, unreadabl
                     ray.get(ref, timeout=120)
                 errors.append(str(caught.value))
             errors.append(time.time() - t0)
-        return torch.stack(vectors), errors
+        return torch.stack(vectors), torch.stack(cosines), errors
     finally:
         ray.shutdown()
+
+
+def _check_exact(got, oracle, what):
+    # float32 round-off of the gradients on both sides (summed in another order): seen 6.1e-7
+    # (ZeRO-2, ZeRO-3), 1.04e-6 (tied, ZeRO-3).
+    error = (got - oracle).abs().max()
+    print(f"{what}: exact cosines {oracle.flatten().tolist()}, max |error| {error:.2e}")
+    assert got.dtype == torch.float64 and oracle.abs().max() > 0.5  # not all near 0
+    assert error < 3e-6
 
 
 def _check(got, oracle, what):
@@ -154,14 +182,16 @@ def test_sharded_zero2_and_zero3_match_the_oracle(cpu_env, tiny_models, tmp_path
     model_dir, behavior_dir = tiny_models
     items = _items(model_dir, behavior_dir)
     reads = _store(tmp_path / "store", items)
-    oracle = _oracle(model_dir, items)
+    oracle, oracle_cosines = _oracle(model_dir, items)
     assert oracle.norm(dim=-1).min() > 0
     results = {}
     for ranks, zero_stage, checkpointing in [(1, 2, False), (2, 2, False), (2, 3, True)]:
         missing = (str(tmp_path / "store"), 99, ["chunk-000007.pt"]) if zero_stage == 3 else None
-        got, errors = _actor_vectors(model_dir, reads, ranks, zero_stage, checkpointing, missing)
+        got, cosines, errors = _actor_vectors(model_dir, reads, ranks, zero_stage, checkpointing, missing)
         results[ranks, zero_stage] = got
-        _check(got, oracle, f"{ranks} rank(s), ZeRO-{zero_stage}, checkpointing {checkpointing}")
+        what = f"{ranks} rank(s), ZeRO-{zero_stage}, checkpointing {checkpointing}"
+        _check(got, oracle, what)
+        _check_exact(cosines, oracle_cosines, what)
     # Sharding the prompts over ranks changes nothing: each prompt is computed whole on one rank.
     torch.testing.assert_close(results[2, 2], results[1, 2], rtol=0, atol=0)
     # The ZeRO-3 rank that could not find prompt 99 names its node and the chunk; the other rank
@@ -180,9 +210,10 @@ def test_zero3_on_a_tied_embedding_model_matches_the_oracle(cpu_env, tmp_path):
     model_dir = build_tiny_model(tmp_path / "tied", seed=0, tie_word_embeddings=True)
     behavior_dir = build_tiny_model(tmp_path / "tied-behavior", seed=1, tie_word_embeddings=True)
     items = _items(model_dir, behavior_dir)
-    oracle = _oracle(model_dir, items)
-    got, _ = _actor_vectors(model_dir, _store(tmp_path / "store", items), 2, 3, False)
+    oracle, oracle_cosines = _oracle(model_dir, items)
+    got, cosines, _ = _actor_vectors(model_dir, _store(tmp_path / "store", items), 2, 3, False)
     _check(got, oracle, "2 ranks, ZeRO-3, tied embeddings")
+    _check_exact(cosines, oracle_cosines, "2 ranks, ZeRO-3, tied embeddings")
 
 
 def test_zero3_refuses_moe_leaf_modules(tiny_models):
