@@ -10,7 +10,7 @@ the other arms' stores (each run would otherwise regenerate the same thing). Res
 finished arm is kept. Prints and writes OUT/report.md and OUT/accuracy.png:
   - per-step targeted / untargeted test accuracy, mean over seeds with Student-t 95% intervals;
   - steps-to-target: target = full-data GRPO's best targeted accuracy (seed mean; random 10%'s
-    when --arms leaves full data out); an arm's steps = its first evaluated step whose seed mean
+    when --arms leaves full data out, else the first arm's); an arm's steps = its first evaluated step whose seed mean
     reaches it; acceleration = the reference's steps / the arm's steps;
   - accuracy at equal steps (the last evaluated step), the targeted share of the subsets, and
     seconds per phase for behavior rollouts (once), selection and training.
@@ -31,7 +31,8 @@ from openrlhf_cropi.demo.report import comparison, graded_answers, load_run, plo
 from openrlhf_cropi.demo.tasks import DEFAULT_TARGETS, parse_targets, read_jsonl  # noqa: E402
 
 # name -> demo.sh arm (selector; "full" = random at alpha 1)
-METHODS = {"full data": "full", "random 10%": "random", "learnability 10%": "learnability", "CROPI 10%": "influence"}
+METHODS = {"full data": "full", "random 10%": "random", "learnability 10%": "learnability", "CROPI 10%": "influence",
+           "CROPI 10%, sketch": "influence-sketch"}
 
 
 def run_seed(out: Path, cache: Path, seed: int, targets: tuple[str, ...], arms: list[str]) -> None:
@@ -52,16 +53,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, help="default: runs/curriculum-<targets>")
     parser.add_argument("--cache", type=Path, default=ROOT / "runs/demo-cache", help="the demo's suite (built if absent)")
     parser.add_argument("--arms", nargs="+", choices=list(METHODS.values()), default=list(METHODS.values()),
-                        help="demo.sh arms to run (default: all four); full or random is the steps-to-target reference")
+                        help="demo.sh arms to run (default: all five); the steps-to-target reference is full, else random, "
+                             "else the first")
     args = parser.parse_args(argv)
     try:
         targets = parse_targets(args.targets)
     except ValueError as e:
         parser.error(str(e))
     methods = {name: arm for name, arm in METHODS.items() if arm in args.arms}
-    if not {"full", "random"} & set(args.arms):
-        parser.error("--arms: include full or random, the reference steps-to-target is measured against")
-    reference = "full data" if "full" in args.arms else "random 10%"
+    # The steps-to-target reference: full data, else random 10%, else the first arm run.
+    reference = next((n for n in ("full data", "random 10%") if n in methods), next(iter(methods)))
     out = args.out or ROOT / f"runs/curriculum-{'-'.join(targets)}"
     out.mkdir(parents=True, exist_ok=True)
     results = {name: [] for name in methods}

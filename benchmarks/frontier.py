@@ -214,7 +214,9 @@ def report(out: Path, model, rows_scored: list[dict], means: dict, grid: list, s
             row(f"cascade {c}: {name}", seconds[name] + c * ALPHA * t_exact, scores, state_bytes(1, 1))
     text = "\n".join(lines) + "\n"
     (out / "report.md").write_text(text)
-    (out / "results.json").write_text(json.dumps({"ranked": len(rows_scored), "rows": results}, indent=1))
+    # With pool-scores.jsonl and the targets' per-parameter squared norms, every cosine above can be recomputed.
+    (out / "results.json").write_text(json.dumps({"ranked": len(rows_scored), "rows": results, "seconds": seconds,
+                                                  "target_squared_norms": {c: t.tolist() for c, t in tt.items()}}))
     return text
 
 

@@ -9,7 +9,8 @@
 # arms include influence and random) and prints the comparison. An arm with OUT_DIR/<arm>/DONE
 # is kept, so a rerun resumes.
 # Environment (optional):
-#   DEMO_ARMS      selectors to run, in order (influence random); "full" = random at alpha 1
+#   DEMO_ARMS      selectors to run, in order (influence random); "full" = random at alpha 1;
+#                  "influence-sketch" = influence scored with the sjlt sketch (keep 0.1, d 8192)
 #   DEMO_TARGETS   targeted families: their validation sets steer CROPI (add linear)
 #   DEMO_SEED      --train.seed and --cropi.seed (0); the suite and warm start are fixed
 #   DEMO_CACHE     where the suite is built (runs/demo-cache)
@@ -60,8 +61,13 @@ for arm in "${ARMS[@]}"; do
   if [ -n "$first" ]; then  # the same behavior rollouts: the store checks they fit this run
     mkdir -p "$run/ckpt/cropi" && cp -r "$first/ckpt/cropi/rollouts" "$run/ckpt/cropi/"
   fi
-  selector=$arm alpha=0.1
-  if [ "$arm" = full ]; then selector=random alpha=1.0; fi
+  # CROPI scores exactly (no projection: 40 MB of state for this model, the cost of the sketch,
+  # and the exact ranking); influence-sketch is the sjlt sketch the demo used before.
+  selector=$arm alpha=0.1 scoring=(--cropi.projector none)
+  case $arm in
+    full) selector=random alpha=1.0 ;;
+    influence-sketch) selector=influence scoring=(--cropi.projector sjlt --cropi.keep_ratio 0.1 --cropi.proj_dim 8192) ;;
+  esac
   echo "== arm $arm (selector $selector, alpha $alpha), log $run.log"
   # float32 on CPU, like every local run (see grpo_smoke.sh). No checkpoints: an unfinished arm
   # restarts whole. vLLM's engine in the rollout actor's process (VLLM_ENABLE_V1_MULTIPROCESSING=0,
@@ -85,7 +91,7 @@ for arm in "${ARMS[@]}"; do
     --cropi.enable --cropi.selector "$selector" --cropi.alpha "$alpha" \
     --cropi.val_datasets "${VAL_SETS[@]}" \
     --cropi.num_phases "${DEMO_PHASES:-4}" --cropi.steps_per_phase "${DEMO_STEPS_PER_PHASE:-4}" \
-    --cropi.train_samples 8 --cropi.val_samples 16 --cropi.keep_ratio 0.1 --cropi.proj_dim 8192 \
+    --cropi.train_samples 8 --cropi.val_samples 16 "${scoring[@]}" \
     --cropi.seed "$SEED" \
     ${DEMO_EXTRA_ARGS:-} >"$run.log" 2>&1 || { tail -n 40 "$run.log" >&2; exit 1; }
   touch "$run/DONE"

@@ -477,32 +477,32 @@ class _CropiPPOTrainer(PPOTrainer.__ray_actor_class__):
             t_grad += time.time() - t0
             return out
 
-        targets = []
-        for split in (s for s in self.splits if s != "pool"):
-            jobs = [(split, i) for i in self._scored[split]]
-            if exact:  # the ranks keep the mean
-                used = sum(on_actors("cropi_exact_target", jobs, max_tokens))
-            else:
-                vectors = [v for v in on_actors("cropi_project", jobs, projector, max_tokens) if v is not None]
-                used = len(vectors)
-                targets.append(validation_vector(torch.stack(vectors)) if vectors else None)
-            nonfinite_val += len(jobs) - used
-            if not used:
-                raise RuntimeError(f"CROPI: no finite validation gradient in {split}")
-
-        def pool_gradients(positions: list[int]) -> list:
-            jobs = [("pool", p) for p in positions]
-            return on_actors("cropi_exact_cosines", jobs, max_tokens) if exact else \
-                on_actors("cropi_project", jobs, projector, max_tokens)  # fmt: skip
-
-        cosines_of = pool_gradients if exact else projected_cosines(pool_gradients, targets)
-        world = self.args.actor.num_nodes * self.args.actor.num_gpus_per_node
         try:
+            targets = []
+            for split in (s for s in self.splits if s != "pool"):
+                jobs = [(split, i) for i in self._scored[split]]
+                if exact:  # the ranks keep the mean
+                    used = sum(on_actors("cropi_exact_target", jobs, max_tokens))
+                else:
+                    vectors = [v for v in on_actors("cropi_project", jobs, projector, max_tokens) if v is not None]
+                    used = len(vectors)
+                    targets.append(validation_vector(torch.stack(vectors)) if vectors else None)
+                nonfinite_val += len(jobs) - used
+                if not used:
+                    raise RuntimeError(f"CROPI: no finite validation gradient in {split}")
+
+            def pool_gradients(positions: list[int]) -> list:
+                jobs = [("pool", p) for p in positions]
+                return on_actors("cropi_exact_cosines", jobs, max_tokens) if exact else \
+                    on_actors("cropi_project", jobs, projector, max_tokens)  # fmt: skip
+
+            cosines_of = pool_gradients if exact else projected_cosines(pool_gradients, targets)
+            world = self.args.actor.num_nodes * self.args.actor.num_gpus_per_node
             cosines, nonfinite = pool_cosines(
                 self._scored["pool"], len(usable), len(self.splits) - 1, cosines_of,
                 chunk=SCORE_CHUNK_PER_RANK * world, progress="CROPI scoring",
             )  # fmt: skip
-        finally:
+        finally:  # the ranks drop the phase's projector layout or exact targets before training resumes
             ray.get(self.actor_model_group.async_run_method("cropi_end_phase"))
         scored = ~torch.isnan(cosines[0])
         selected, scores = self._select_prompts(
