@@ -61,7 +61,7 @@ for arm in "${ARMS[@]}"; do
   if [ -n "$first" ]; then  # the same behavior rollouts: the store checks they fit this run
     mkdir -p "$run/ckpt/cropi" && cp -r "$first/ckpt/cropi/rollouts" "$run/ckpt/cropi/"
   fi
-  # CROPI scores exactly (no projection: 40 MB of state for this model, the cost of the sketch,
+  # CROPI scores exactly (no projection: 41 MB of state for this model, the cost of the sketch,
   # and the exact ranking); influence-sketch is the sjlt sketch the demo used before.
   selector=$arm alpha=0.1 scoring=(--cropi.projector none)
   case $arm in
