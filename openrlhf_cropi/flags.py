@@ -16,6 +16,7 @@ from types import SimpleNamespace
 from openrlhf_cropi.core.advantages import ESTIMATORS, Objective
 from openrlhf_cropi.core.projection import check_dense_cost
 from openrlhf_cropi.core.scoring import METHODS as SELECTORS
+from openrlhf_cropi.core.scoring import SIMILARITY_METHODS as SIMILARITY_SELECTORS
 
 SUPPORTED_OPENRLHF = "0.11.2"
 # Why an estimator's advantages cannot be computed from one prompt's K behavior rollouts.
@@ -112,18 +113,22 @@ class CropiArgs:
     )
     selector: str = _flag(
         "influence",
-        "How the subset is chosen; the baselines run through the identical pipeline. random: uniform over the pool; "
-        "variance: uniform over the prompts whose behavior rewards (as training sees them) vary, the DAPO-style "
-        "filter; both draw afresh each phase. learnability: highest p(1-p) of the behavior pass rate p; pass_rate: "
-        "lowest p among prompts with variance.",
+        "How the subset is chosen; the baselines run through the identical pipeline. influence: CROPI. random: "
+        "uniform over the pool; variance: uniform over the prompts whose behavior rewards (as training sees them) "
+        "vary, the DAPO-style filter; both draw afresh each phase. bm25: highest BM25 score against the validation "
+        "prompts (mean over each set's, at most --cropi.max_val_prompts, fused over the sets like influence; needs "
+        "the bm25 extra); embedding: highest cosine of the initial policy's mean-pooled last hidden state of the "
+        "prompt with each validation set's mean (one forward per prompt on the policy ranks, once per job, kept in "
+        "the store for a resumed job); both among the prompts with reward variance, the same subset every phase. "
+        "learnability: highest p(1-p) of the behavior pass rate p; pass_rate: lowest p among prompts with variance.",
         choices=SELECTORS,
     )
 
     def __post_init__(self):
         if not self.enable:
             return
-        if not self.val_datasets and self.selector == "influence":
-            raise CropiFlagError("--cropi.val_datasets: the influence selector needs at least one validation set")
+        if not self.val_datasets and self.selector in SIMILARITY_SELECTORS:
+            raise CropiFlagError(f"--cropi.val_datasets: the {self.selector} selector needs at least one validation set")
         for path in self.val_datasets or []:
             local = path.split("@")[0].strip()
             if os.path.splitext(local)[1] in {".json", ".jsonl", ".csv", ".parquet", ".arrow"}:

@@ -9,9 +9,15 @@
 # arms include influence and random) and prints the comparison. An arm with OUT_DIR/<arm>/DONE
 # is kept, so a rerun resumes.
 # Environment (optional):
-#   DEMO_ARMS      selectors to run, in order (influence random); "full" = random at alpha 1;
-#                  "influence-sketch" = influence scored with the sjlt sketch (keep 0.1, d 8192)
-#   DEMO_TARGETS   targeted families: their validation sets steer CROPI (add linear)
+#   DEMO_DESIGN    the suite design (habits; surface: surface form and lesson disagree, see
+#                  openrlhf_cropi/demo/tasks.py), each with its own warm start
+#   DEMO_ARMS      arms to run, in order (influence random): a --cropi.selector at alpha 0.1
+#                  (influence, random, variance, bm25, embedding, learnability); "full" = random
+#                  at alpha 1; "influence-sketch" = influence scored with the sjlt sketch (keep 0.1,
+#                  d 8192); "oracle" = the variance selector at alpha 1 on a pool of the targeted
+#                  skills' prompts only (knows the targets: targeting's upper bound)
+#   DEMO_TARGETS   validation families: they steer CROPI, bm25 and embedding (habits: add linear;
+#                  surface: add_word)
 #   DEMO_SEED      --train.seed and --cropi.seed (0); the suite and warm start are fixed
 #   DEMO_CACHE     where the suite is built (runs/demo-cache)
 #   DEMO_PHASES DEMO_STEPS_PER_PHASE   the curriculum (4 phases x 4 steps)
@@ -24,7 +30,13 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 OUT=$(mkdir -p "${1:-$ROOT/runs/demo}" && cd "${1:-$ROOT/runs/demo}" && pwd)
 CACHE=$(mkdir -p "${DEMO_CACHE:-$ROOT/runs/demo-cache}" && cd "${DEMO_CACHE:-$ROOT/runs/demo-cache}" && pwd)
 read -r -a ARMS <<<"${DEMO_ARMS:-influence random}"
-read -r -a TARGETS <<<"${DEMO_TARGETS:-add linear}"
+DESIGN=${DEMO_DESIGN:-habits}
+case $DESIGN in
+  habits) default_targets="add linear" ;;
+  surface) default_targets="add_word" ;;
+  *) echo "DEMO_DESIGN: no design '$DESIGN' (habits, surface)" >&2; exit 2 ;;
+esac
+read -r -a TARGETS <<<"${DEMO_TARGETS:-$default_targets}"
 SEED=${DEMO_SEED:-0}
 
 [ -n "${VIRTUAL_ENV:-}" ] || bash "$ROOT/launch/local/setup_cpu.sh"
@@ -37,37 +49,39 @@ SEED=${DEMO_SEED:-0}
 # starts. Actor and vLLM engine each take one logical Ray "GPU"; no reference model (KL
 # coefficient 0). One cluster serves every arm.
 checked=$(mktemp)
-python -m openrlhf_cropi.demo.warm_start "$CACHE" >"$checked" &
+python -m openrlhf_cropi.demo.warm_start "$CACHE" --design "$DESIGN" >"$checked" &
 check=$!
 start_ray 2
 trap stop_ray EXIT
 wait "$check"
-MODEL=$(tail -n 1 "$checked") && rm -f "$checked"
-SUITE=$CACHE/suite
+MODEL=$(tail -n 2 "$checked" | head -n 1) && SUITE=$(tail -n 1 "$checked") && rm -f "$checked"
 VAL_SETS=()
 for family in "${TARGETS[@]}"; do
   [ -f "$SUITE/val_$family.jsonl" ] || { echo "DEMO_TARGETS: no family '$family' in $SUITE" >&2; exit 2; }
   VAL_SETS+=("$SUITE/val_$family.jsonl")
 done
 
-first=""
+first=""  # an arm whose behavior rollouts (of the whole pool) the others reuse
 for arm in "${ARMS[@]}"; do
-  if [ -e "$OUT/$arm/DONE" ]; then first=$OUT/$arm; break; fi
+  if [ "$arm" != oracle ] && [ -e "$OUT/$arm/DONE" ]; then first=$OUT/$arm; break; fi
 done
 for arm in "${ARMS[@]}"; do
   run=$OUT/$arm
   if [ -e "$run/DONE" ]; then continue; fi
   rm -rf "$run"
-  if [ -n "$first" ]; then  # the same behavior rollouts: the store checks they fit this run
-    mkdir -p "$run/ckpt/cropi" && cp -r "$first/ckpt/cropi/rollouts" "$run/ckpt/cropi/"
-  fi
   # CROPI scores exactly (no projection: 41 MB of state for this model, the cost of the sketch,
   # and the exact ranking); influence-sketch is the sjlt sketch the demo used before.
-  selector=$arm alpha=0.1 scoring=(--cropi.projector none)
+  selector=$arm alpha=0.1 scoring=(--cropi.projector none) pool=$SUITE/pool.jsonl
   case $arm in
     full) selector=random alpha=1.0 ;;
     influence-sketch) selector=influence scoring=(--cropi.projector sjlt --cropi.keep_ratio 0.1 --cropi.proj_dim 8192) ;;
+    oracle)  # its own pool, so its own behavior rollouts
+      selector=variance alpha=1.0
+      pool=$(python -m openrlhf_cropi.demo.tasks "$SUITE" --oracle-pool "${TARGETS[@]}") ;;
   esac
+  if [ -n "$first" ] && [ "$arm" != oracle ]; then  # the same behavior rollouts: the store checks they fit this run
+    mkdir -p "$run/ckpt/cropi" && cp -r "$first/ckpt/cropi/rollouts" "$run/ckpt/cropi/"
+  fi
   echo "== arm $arm (selector $selector, alpha $alpha), log $run.log"
   # float32 on CPU, like every local run (see grpo_smoke.sh). No checkpoints: an unfinished arm
   # restarts whole. vLLM's engine in the rollout actor's process (VLLM_ENABLE_V1_MULTIPROCESSING=0,
@@ -76,7 +90,7 @@ for arm in "${ARMS[@]}"; do
   VLLM_ENABLE_V1_MULTIPROCESSING=0 python -m openrlhf_cropi.cli.train_ppo_ray \
     --actor.model_name_or_path "$MODEL" \
     --reward.remote_url "$ROOT/openrlhf_cropi/demo/reward.py" \
-    --data.prompt_dataset "$SUITE/pool.jsonl" --data.input_key prompt --data.label_key label \
+    --data.prompt_dataset "$pool" --data.input_key prompt --data.label_key label \
     --data.apply_chat_template --data.max_len 96 --rollout.max_new_tokens 8 \
     --algo.advantage.estimator group_norm --rollout.n_samples_per_prompt 8 --rollout.temperature 1.0 \
     --rollout.batch_size 16 --rollout.micro_batch_size 32 --train.batch_size 128 --train.micro_batch_size 32 \
@@ -95,7 +109,7 @@ for arm in "${ARMS[@]}"; do
     --cropi.seed "$SEED" \
     ${DEMO_EXTRA_ARGS:-} >"$run.log" 2>&1 || { tail -n 40 "$run.log" >&2; exit 1; }
   touch "$run/DONE"
-  first=${first:-$run}
+  [ "$arm" = oracle ] || first=${first:-$run}
 done
 
 if [ -e "$OUT/influence/DONE" ] && [ -e "$OUT/random/DONE" ]; then

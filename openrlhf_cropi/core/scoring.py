@@ -17,7 +17,10 @@ same in every phase for a given seed: learnability and pass rates take a handful
 values at K = 8, and an index tie-break would make their top alpha "the first prompts in file
 order". Without a permutation (the low-level functions' default) the lower index wins.
 
-Eligibility: the informed selectors (influence, learnability, pass_rate) only pick usable
+The cheap targeting baselines (bm25, embedding: ``core.similarity``) give per-validation-set
+scores of their own and are fused and selected exactly like the cosines.
+
+Eligibility: the informed selectors (influence, bm25, embedding, learnability, pass_rate) only pick usable
 prompts, with reward variance and a gradient (the others have a zero gradient in every phase);
 influence also drops prompts whose gradient was not finite. If fewer eligible prompts than
 n_select exist, all eligible ones are selected and a warning says so. ``random`` draws from the
@@ -37,7 +40,8 @@ from typing import Callable, Sequence
 import torch
 from tqdm import tqdm
 
-METHODS = ("influence", "random", "variance", "learnability", "pass_rate")
+METHODS = ("influence", "random", "variance", "bm25", "embedding", "learnability", "pass_rate")
+SIMILARITY_METHODS = ("influence", "bm25", "embedding")  # one score per prompt and validation set, fused by RRF
 
 
 def num_to_select(alpha: float, pool_size: int) -> int:
@@ -215,6 +219,7 @@ def select_prompts(
 
     method:
       influence     RRF of ``cosines`` (one [N] tensor per validation set) over ``scored`` prompts
+      bm25, embedding   the same, with their similarities (``core.similarity``) as ``cosines``
       random        seeded uniform scores, whole pool
       variance      seeded uniform scores among ``usable`` prompts (reward variance and a gradient:
                     the DAPO-style filter, the strong cheap baseline)
@@ -232,9 +237,9 @@ def select_prompts(
         eligible = torch.ones(n_pool, dtype=torch.bool) if method == "random" else usable
         return select_top(scores, n, eligible), scores
     tie_break = tie_break_permutation(n_pool, seed)
-    if method == "influence":
+    if method in SIMILARITY_METHODS:
         if scored is None or not cosines:
-            raise ValueError("influence selection needs cosines and the scored mask")
+            raise ValueError(f"{method} selection needs cosines and the scored mask")
         if any(len(c) != n_pool for c in cosines) or len(scored) != n_pool:
             raise ValueError("cosines and scored must have one entry per pool prompt")
         eligible = scored & usable
@@ -250,6 +255,6 @@ def select_prompts(
         raise ValueError(
             f"{method}: no prompt can be selected: of {n_pool} pool prompts {int(usable.sum())} have reward "
             f"variance and a gradient, {int(eligible.sum())} of them "
-            + ("were scored with a finite gradient" if method == "influence" else "are eligible")
+            + ("were scored with a finite score" if method in SIMILARITY_METHODS else "are eligible")
         )
     return selected, scores

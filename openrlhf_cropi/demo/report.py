@@ -4,9 +4,9 @@
 
 OUT holds one run directory per arm, as launch/local/demo.sh writes them: OUT/influence (CROPI 10%)
 and OUT/random (random 10%), each with tensorboard/ (OpenRLHF's logger) and
-ckpt/cropi/phases/phase-NNN.json (the selection of each phase, as pool row indices). The pool's
-rows in SUITE_DIR/pool.jsonl give each selected prompt its family; the targets are the families
-whose validation sets the runs gave CROPI. Writes OUT/report.md, accuracy.png (test accuracy vs
+ckpt/cropi/phases/phase-NNN.json and .jsonl (the selection of each phase: pool row indices,
+and the rows themselves with their family). The targets are the families whose validation sets
+the runs gave CROPI; the targeted families are those of the targets' skills (SUITE_DIR's design). Writes OUT/report.md, accuracy.png (test accuracy vs
 step, targeted and untargeted families) and subsets.png (subset family mix per phase), and prints
 the comparison.
 """
@@ -21,7 +21,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from openrlhf_cropi.demo.tasks import DEFAULT_TARGETS, FAMILIES, parse_targets, read_jsonl
+from openrlhf_cropi.demo.tasks import DESIGNS, Design, parse_targets, read_jsonl, suite_design
 
 CROPI = "CROPI 10%"
 ARMS = {CROPI: "influence", "random 10%": "random"}  # the demo's arms: name -> run directory under OUT
@@ -80,34 +80,41 @@ def load_run(run_dir: Path) -> Run:
         acc.Reload()
         for tag in acc.Tags()["scalars"]:
             scalars.setdefault(tag, {}).update({e.step: e.value for e in acc.Scalars(tag)})
-    phases = [json.loads(p.read_text()) for p in sorted(run_dir.glob("ckpt/cropi/phases/phase-*.json"))]
+    phases = []
+    for path in sorted(run_dir.glob("ckpt/cropi/phases/phase-*.json")):
+        # The selected rows themselves: an arm may train on a pool of its own (the oracle).
+        phases.append({**json.loads(path.read_text()), "families": [r["family"] for r in read_jsonl(path.with_suffix(".jsonl"))]})
     return Run(scalars, phases)
 
 
-def composition(phase: dict, pool_rows: list[dict]) -> Counter:
+def composition(phase: dict) -> Counter:
     """Selected prompts per family."""
-    return Counter(pool_rows[i]["family"] for i in phase["selected"])
+    return Counter(phase["families"])
 
 
 def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
-def groups(targets: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
-    return {"targeted": targets, "untargeted": tuple(f for f in FAMILIES if f not in targets)}
+def groups(design: Design, targets: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
+    """Test families by group: targeted (the targets' skills, in every form), untargeted, all."""
+    targeted = design.targeted(targets)
+    return {"targeted": targeted, "untargeted": tuple(f for f in design.families if f not in targeted),
+            "all": design.families}  # fmt: skip
 
 
-def phase_table(run: Run, pool_rows: list[dict], targets: tuple[str, ...]) -> list[str]:
+def phase_table(run: Run, design: Design, targets: tuple[str, ...]) -> list[str]:
     """Markdown rows: phase, subset by family, rollouts/selection/training seconds, accuracy at the phase's end."""
-    targeted, untargeted = (run.accuracy(f) for f in groups(targets).values())
+    by_group = groups(design, targets)
+    targeted, untargeted = run.accuracy(by_group["targeted"]), run.accuracy(by_group["untargeted"])
     steps = run.phase_steps()
     head = "| phase | steps | subset by family | rollouts s | selection s | training s | targeted acc | untargeted acc |"
     lines = [head, "|---" * 8 + "|"]
     for times, record in zip(run.phase_times(), run.phases):
         phase_steps = steps.get(record["phase"], [])
         end = max(phase_steps) if phase_steps else None
-        mix = composition(record, pool_rows)
-        mix_text = ", ".join(f"{f} {mix[f]}" for f in FAMILIES if mix[f])
+        mix = composition(record)
+        mix_text = ", ".join(f"{f} {mix[f]}" for f in design.families if mix[f])
         span = f"{min(phase_steps)}-{end}" if phase_steps else "-"
         lines.append(
             f"| {record['phase']} | {span} | {mix_text} | {times['rollouts']:.0f} | {times['selection']:.1f} | "
@@ -151,14 +158,16 @@ def above_steps(a: dict[int, tuple[float, float]], b: dict[int, tuple[float, flo
     return [s for s in sorted(set(a) & set(b)) if a[s][0] - a[s][1] > b[s][0] + b[s][1]]
 
 
-def targeted_share(run: Run, pool_rows: list[dict], targets: tuple[str, ...]) -> float:
-    """Share of targeted-family prompts over all of the run's phase subsets."""
-    picked = [pool_rows[i]["family"] in targets for phase in run.phases for i in phase["selected"]]
-    return sum(picked) / max(len(picked), 1)
+def family_shares(runs: list[Run]) -> Counter:
+    """Each family's share of all the runs' phase subsets together."""
+    mix = Counter(f for run in runs for phase in run.phases for f in phase["families"])
+    total = max(sum(mix.values()), 1)
+    return Counter({f: n / total for f, n in mix.items()})
 
 
 def comparison(
-    results: dict[str, list[Run]], pool_rows: list[dict], targets: tuple[str, ...], reference: str, answers: dict[str, int]
+    results: dict[str, list[Run]], pool_rows: list[dict], design: Design, targets: tuple[str, ...], reference: str,
+    answers: dict[str, int],
 ) -> tuple[list[str], dict[str, dict[str, dict[int, tuple[float, float]]]]]:
     """The arms side by side: markdown lines and the curves they were computed from.
 
@@ -166,20 +175,23 @@ def comparison(
     steps-to-target is its first evaluated step whose mean reaches it, its acceleration the
     reference's steps over its own. `answers[group]` is what seed_curve needs for single runs.
     """
-    curves = {name: {g: seed_curve(runs, fams, answers[g]) for g, fams in groups(targets).items()} for name, runs in results.items()}
+    by_group = groups(design, targets)
+    curves = {name: {g: seed_curve(runs, fams, answers[g]) for g, fams in by_group.items()} for name, runs in results.items()}
     ref = curves[reference]["targeted"]
     target = max(v for v, _ in ref.values())
     ref_steps = steps_to(ref, target)
-    pool_share = sum(r["family"] in targets for r in pool_rows) / len(pool_rows)
+    pool_share = sum(r["family"] in by_group["targeted"] for r in pool_rows) / len(pool_rows)
     end = min(max(c["targeted"]) for c in curves.values())
     lines = [
-        f"Targets: {', '.join(targets)} ({pool_share:.0%} of the pool). Target accuracy: {reference}'s best targeted "
+        f"Validation sets: {', '.join(targets)}; targeted families: {', '.join(by_group['targeted'])} "
+        f"({pool_share:.0%} of the pool). Target accuracy: {reference}'s best targeted "
         f"test accuracy, {target:.3f}, first reached at step {ref_steps}. Accuracies: mean and 95% interval "
         f"({'Student t over ' + str(len(results[reference])) + ' seeds' if len(results[reference]) > 1 else 'evaluation sampling noise, one seed'}).",
         "",
         f"| arm | steps to target | acceleration | targeted at step 0 | targeted at step {end} | untargeted at step {end} "
-        "| targeted share of subsets | behavior rollouts s | selection s / phase | training s / phase |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| all families at step {end} | targeted share of subsets | behavior rollouts s | selection s / phase "
+        "| training s / phase |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, runs in results.items():
         steps = steps_to(curves[name]["targeted"], target)
@@ -189,7 +201,7 @@ def comparison(
             accel = "not reached"
         else:
             accel = f"{ref_steps / max(steps, 1):.2f}x"
-        at = {"start": curves[name]["targeted"].get(0), **{g: curves[name][g].get(end) for g in ("targeted", "untargeted")}}
+        at = {"start": curves[name]["targeted"].get(0), **{g: curves[name][g].get(end) for g in by_group}}
         cell = {k: "-" if v is None else f"{v[0]:.3f} ± {v[1]:.3f}" for k, v in at.items()}
         times = [t for r in runs for t in r.phase_times()]
         # Runs that reuse a store's behavior rollouts log 0 s for them: report the generating run's.
@@ -197,18 +209,25 @@ def comparison(
         trained = [t["training"] for t in times if t["training"] > 0]
         lines.append(
             f"| {name} | {steps if steps is not None else '-'} | {accel} | {cell['start']} | {cell['targeted']} | "
-            f"{cell['untargeted']} | {statistics.mean(targeted_share(r, pool_rows, targets) for r in runs):.0%} | "
+            f"{cell['untargeted']} | {cell['all']} | "
+            f"{sum(v for f, v in family_shares(runs).items() if f in by_group['targeted']):.0%} | "
             f"{rollouts:.0f} | {statistics.mean(t['selection'] for t in times):.1f} | "
             f"{statistics.mean(trained) if trained else 0:.1f} |"
         )
     steps = sorted(set.intersection(*(set(c["targeted"]) for c in curves.values())))
     lines += ["", "Targeted accuracy by step, mean ± 95% half-width:", "",
               "| arm | " + " | ".join(f"step {s}" for s in steps) + " |", "|---" * (len(steps) + 1) + "|"]  # fmt: skip
-    for name, by_group in curves.items():
-        cells = (f"{by_group['targeted'][s][0]:.3f} ± {by_group['targeted'][s][1]:.3f}" for s in steps)
+    for name, arm_curves in curves.items():
+        cells = (f"{arm_curves['targeted'][s][0]:.3f} ± {arm_curves['targeted'][s][1]:.3f}" for s in steps)
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "Subsets by family (share of all phases' selections, over seeds):", "",
+              "| arm | " + " | ".join(design.families) + " |", "|---" * (len(design.families) + 1) + "|"]  # fmt: skip
+    for name, runs in results.items():
+        shares = family_shares(runs)
+        lines.append(f"| {name} | " + " | ".join(f"{shares[f]:.0%}" for f in design.families) + " |")
     if max(len(runs) for runs in results.values()) > 1:
-        per_seed = (f"{name} {', '.join(_fmt(r.accuracy(targets).get(end)) for r in runs)}" for name, runs in results.items())
+        per_seed = (f"{name} {', '.join(_fmt(r.accuracy(by_group['targeted']).get(end)) for r in runs)}"
+                    for name, runs in results.items())  # fmt: skip
         lines += ["", f"Targeted accuracy at step {end} per seed: " + "; ".join(per_seed) + "."]
     if CROPI in curves:
         lines.append("")
@@ -221,15 +240,17 @@ def comparison(
     return lines, curves
 
 
-def plot_accuracy(curves: dict[str, dict[str, dict[int, tuple[float, float]]]], targets: tuple[str, ...], out: Path) -> None:
+def plot_accuracy(
+    curves: dict[str, dict[str, dict[int, tuple[float, float]]]], design: Design, targets: tuple[str, ...], out: Path
+) -> None:
     """curves[name][group] = {step: (mean, half-width)}: one line and band per name in each group's panel."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-    for ax, (group, families) in zip(axes, groups(targets).items()):
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4), sharey=True)
+    for ax, (group, families) in zip(axes, groups(design, targets).items()):
         for name, by_group in curves.items():
             steps = list(by_group[group])
             mean = [v for v, _ in by_group[group].values()]
@@ -246,7 +267,7 @@ def plot_accuracy(curves: dict[str, dict[str, dict[int, tuple[float, float]]]], 
     plt.close(fig)
 
 
-def plot_subsets(runs: dict[str, Run], pool_rows: list[dict], targets: tuple[str, ...], out: Path) -> None:
+def plot_subsets(runs: dict[str, Run], pool_rows: list[dict], design: Design, targets: tuple[str, ...], out: Path) -> None:
     """One panel per arm: each phase's subset by family, targeted families hatched."""
     import matplotlib
 
@@ -254,14 +275,14 @@ def plot_subsets(runs: dict[str, Run], pool_rows: list[dict], targets: tuple[str
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(runs), figsize=(4 * len(runs) + 2, 4), sharey=True, squeeze=False)
-    pool_mix = Counter(r["family"] for r in pool_rows)
+    pool_mix, targeted = Counter(r["family"] for r in pool_rows), design.targeted(targets)
     for ax, (name, run) in zip(axes[0], runs.items()):
         bottom = [0.0] * len(run.phases)
         labels = [str(r["phase"]) for r in run.phases]
-        for family in FAMILIES:
-            counts = [composition(r, pool_rows)[family] / max(len(r["selected"]), 1) for r in run.phases]
-            tag = f"{family} ({'targeted' if family in targets else 'untargeted'}, pool {pool_mix[family] / len(pool_rows):.0%})"
-            ax.bar(labels, counts, bottom=bottom, label=tag, hatch="//" if family in targets else None)
+        for family in design.families:
+            counts = [composition(r)[family] / max(len(r["selected"]), 1) for r in run.phases]
+            tag = f"{family} ({'targeted' if family in targeted else 'untargeted'}, pool {pool_mix[family] / len(pool_rows):.0%})"
+            ax.bar(labels, counts, bottom=bottom, label=tag, hatch="//" if family in targeted else None)
             bottom = [b + c for b, c in zip(bottom, counts)]
         ax.set_title(f"{name}: subset per phase", fontsize=9)
         ax.set_xlabel("phase")
@@ -275,24 +296,27 @@ def plot_subsets(runs: dict[str, Run], pool_rows: list[dict], targets: tuple[str
 def graded_answers(suite: Path, targets: tuple[str, ...], samples: int) -> dict[str, int]:
     """Answers graded per evaluation point in each group: its test prompts x samples per prompt."""
     test = Counter(r["family"] for r in read_jsonl(suite / "test.jsonl"))
-    return {g: samples * sum(test[f] for f in fams) for g, fams in groups(targets).items()}
+    return {g: samples * sum(test[f] for f in fams) for g, fams in groups(DESIGNS[suite_design(suite)], targets).items()}
 
 
-def write_report(out: Path, suite: Path, targets: tuple[str, ...] = DEFAULT_TARGETS, eval_samples: int = 8) -> Path:
+def write_report(out: Path, suite: Path, targets: tuple[str, ...] | None = None, eval_samples: int = 8) -> Path:
     """The demo's report: its arms (ARMS, under `out`) compared, random 10% as the reference."""
+    design = DESIGNS[suite_design(suite)]
+    targets = targets or design.default_targets
+    by_group = groups(design, targets)
     runs = {name: load_run(out / sub) for name, sub in ARMS.items()}
     pool_rows = read_jsonl(suite / "pool.jsonl")
     lines, curves = comparison(
-        {n: [r] for n, r in runs.items()}, pool_rows, targets, "random 10%", graded_answers(suite, targets, eval_samples)
+        {n: [r] for n, r in runs.items()}, pool_rows, design, targets, "random 10%", graded_answers(suite, targets, eval_samples)
     )
-    plot_accuracy(curves, targets, out / "accuracy.png")
-    plot_subsets(runs, pool_rows, targets, out / "subsets.png")
+    plot_accuracy(curves, design, targets, out / "accuracy.png")
+    plot_subsets(runs, pool_rows, design, targets, out / "subsets.png")
     text = [
         "# CROPI demo report: CROPI 10% vs random 10%",
         "",
         f"Runs: `{out / ARMS['CROPI 10%']}` and `{out / ARMS['random 10%']}`: the same warm start, behavior rollouts, "
-        "seed and steps; only the phase subsets differ. Targeted families (their validation sets steer CROPI): "
-        f"{', '.join(targets)}; untargeted: {', '.join(groups(targets)['untargeted'])}.",
+        f"seed and steps; only the phase subsets differ. Validation sets (they steer CROPI): {', '.join(targets)}; "
+        f"targeted families: {', '.join(by_group['targeted'])}; untargeted: {', '.join(by_group['untargeted'])}.",
         "",
         *lines,
         "",
@@ -302,7 +326,7 @@ def write_report(out: Path, suite: Path, targets: tuple[str, ...] = DEFAULT_TARG
         "",
     ]
     for name, run in runs.items():
-        text += [f"## {name}: per phase", "", *phase_table(run, pool_rows, targets), ""]
+        text += [f"## {name}: per phase", "", *phase_table(run, design, targets), ""]
     (out / "report.md").write_text("\n".join(text))
     print("\n".join(lines))
     return out / "report.md"
@@ -312,11 +336,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", type=Path)
     parser.add_argument("--suite", type=Path, required=True)
-    parser.add_argument("--targets", nargs="+", default=list(DEFAULT_TARGETS), metavar="FAMILY")
+    parser.add_argument("--targets", nargs="+", metavar="FAMILY", help="the runs' validation families (default: the design's)")
     parser.add_argument("--eval-samples", type=int, default=8, help="the runs' --eval.n_samples_per_prompt")
     args = parser.parse_args(argv)
     try:
-        targets = parse_targets(args.targets)
+        targets = parse_targets(args.targets, design=suite_design(args.suite)) if args.targets else None
     except ValueError as e:
         parser.error(str(e))
     print(f"wrote {write_report(args.out, args.suite, targets, args.eval_samples)}")

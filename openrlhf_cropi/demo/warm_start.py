@@ -1,9 +1,10 @@
 """The demo's starting point: the task suite and a small model SFT-ed on it, shipped pre-built.
 
-    python -m openrlhf_cropi.demo.warm_start CACHE_DIR             # suite -> CACHE_DIR/suite; prints the model
-    python -m openrlhf_cropi.demo.warm_start CACHE_DIR --rebuild   # retrains WARM_START (~30 min, 2 AVX2 cores)
+    python -m openrlhf_cropi.demo.warm_start CACHE_DIR [--design habits]   # builds the suite; prints model and suite
+    python -m openrlhf_cropi.demo.warm_start CACHE_DIR --rebuild           # retrains the design's warm start (~30 min, 2 AVX2 cores)
 
-The warm start (WARM_START, launch/local/demo-warm-start/) is a 3.4M-parameter model of the
+Each suite design (openrlhf_cropi/demo/tasks.py) has its warm start (WARM_STARTS, under
+launch/local/): a 3.4M-parameter model of the
 tiny-model builder's architecture, trained by `--rebuild`: the suite (seed 0), the base model
 (seed 0), then a plain float32 PyTorch SFT loop on the suite's answers (answer tokens only,
 AdamW, warm-up then linear decay, gradient clipping; seeded batch order, single process,
@@ -31,10 +32,12 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from openrlhf_cropi.demo.reward import is_correct
-from openrlhf_cropi.demo.tasks import build_suite, read_jsonl
+from openrlhf_cropi.demo.tasks import DESIGNS, build_suite, read_jsonl
 from openrlhf_cropi.tiny_model import build_tiny_model
 
-WARM_START = Path(__file__).resolve().parents[2] / "launch/local/demo-warm-start"
+_LAUNCH = Path(__file__).resolve().parents[2] / "launch/local"
+WARM_STARTS = {"habits": _LAUNCH / "demo-warm-start", "surface": _LAUNCH / "demo-warm-start-surface"}
+WARM_START = WARM_STARTS["habits"]  # the default design's
 # head_dim 32: the smallest vLLM's CPU attention takes.
 MODEL_SHAPE = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
                    intermediate_size=768, max_position_embeddings=256)  # fmt: skip
@@ -93,27 +96,41 @@ def sft(base: Path, rows: list[dict], out: Path, steps: int, batch: int, lr: flo
 
 
 @torch.no_grad()
-def pass_rates(model_dir: Path, rows: list[dict], samples: int, seed: int, batch: int = 64) -> list[float]:
-    """Per row, the fraction of `samples` answers sampled at temperature 1 that are correct.
+def sample(model, tok, rows: list[dict], samples: int) -> tuple[dict, torch.Tensor]:
+    """`samples` answers per row as the demo samples them (temperature 1, no top-k/top-p, 8 new
+    tokens), with transformers (no engine to start), through the chat template as OpenRLHF's
+    --data.apply_chat_template does. `tok` pads on the left. Returns (the prompts' encoding,
+    prompt + answer ids, row-major: row i's answers are i * samples onwards)."""
+    enc = tok([_prompt(tok, r["prompt"]) for r in rows], return_tensors="pt", padding=True)
+    gen = model.generate(
+        **enc, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=8,
+        num_return_sequences=samples, pad_token_id=tok.pad_token_id,
+    )  # fmt: skip
+    return enc, gen
 
-    Sampled with transformers (no engine to start), through the chat template as OpenRLHF's
-    --data.apply_chat_template does.
-    """
-    tok = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    torch.manual_seed(seed)
-    texts = [_prompt(tok, r["prompt"]) for r in rows]
+
+def answers(model, tok, rows: list[dict], samples: int, batch: int = 64, desc: str = "sampling") -> list[str]:
+    """The decoded answers of `sample`, `batch` rows at a time: row i's are i * samples onwards."""
     out = []
-    for start in tqdm(range(0, len(rows), batch), desc="warm start pass rates", leave=False):
-        enc = tok(texts[start : start + batch], return_tensors="pt", padding=True)
-        gen = model.generate(
-            **enc, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=8,
-            num_return_sequences=samples, pad_token_id=tok.pad_token_id,
-        )  # fmt: skip
-        answers = tok.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-        for i, row in enumerate(rows[start : start + batch]):
-            out.append(sum(is_correct(a, row["label"]) for a in answers[i * samples : (i + 1) * samples]) / samples)
+    for start in tqdm(range(0, len(rows), batch), desc=desc, leave=False):
+        enc, gen = sample(model, tok, rows[start : start + batch], samples)
+        out += tok.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     return out
+
+
+def load(model_dir: Path):
+    """(model in eval mode, float32; tokenizer padding on the left, as `sample` needs)."""
+    tok = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager").eval(), tok
+
+
+def pass_rates(model_dir: Path, rows: list[dict], samples: int, seed: int) -> list[float]:
+    """Per row, the fraction of `samples` answers sampled at temperature 1 that are correct."""
+    model, tok = load(model_dir)
+    torch.manual_seed(seed)
+    sampled = answers(model, tok, rows, samples, desc="warm start pass rates")
+    return [sum(is_correct(a, row["label"]) for a in sampled[i * samples : (i + 1) * samples]) / samples
+            for i, row in enumerate(rows)]  # fmt: skip
 
 
 def summarise(rows: list[dict], rates: list[float]) -> dict[str, float]:
@@ -125,18 +142,20 @@ def summarise(rows: list[dict], rates: list[float]) -> dict[str, float]:
     return {k: sum(v) / len(v) for k, v in sorted(groups.items())}
 
 
-def suite(cache: Path) -> Path:
-    """The demo suite under `cache`, built once (a DONE marker is written last)."""
-    path = cache / "suite"
+def suite(cache: Path, design: str = "habits") -> Path:
+    """A design's demo suite under `cache` (suite/, suite-<design>/ for the others), built once
+    (a DONE marker is written last)."""
+    path = cache / ("suite" if design == "habits" else f"suite-{design}")
     if not (path / "DONE").exists():
-        build_suite(path, seed=SUITE_SEED)
+        build_suite(path, seed=SUITE_SEED, design=design)
         (path / "DONE").write_text("")
     return path
 
 
-def rebuild(cache: Path, out: Path = WARM_START) -> dict:
-    """Train the warm start from scratch into `out` and rate it on the pool; returns its record."""
-    data = suite(cache)
+def rebuild(cache: Path, design: str = "habits") -> dict:
+    """Train the design's warm start from scratch and rate it on the pool; returns its record."""
+    out = WARM_STARTS[design]
+    data = suite(cache, design)
     base = build_tiny_model(cache / "base", seed=SUITE_SEED, **MODEL_SHAPE)
     torch.set_num_threads(2)  # part of what makes the bytes reproducible
     start = time.time()
@@ -154,30 +173,33 @@ def rebuild(cache: Path, out: Path = WARM_START) -> dict:
     return record
 
 
-def warm_start(cache: Path) -> Path:
-    """The suite under `cache` and the shipped warm start, checked to belong together."""
-    data = suite(cache)
-    record = WARM_START / "warm_start.json"
+def warm_start(cache: Path, design: str = "habits") -> Path:
+    """The design's suite under `cache` and its shipped warm start, checked to belong together."""
+    data, model = suite(cache, design), WARM_STARTS[design]
+    record = model / "warm_start.json"
+    rebuild_it = f"`python -m openrlhf_cropi.demo.warm_start {cache} --design {design} --rebuild`"
     if not record.exists():
-        raise FileNotFoundError(f"{WARM_START}: no warm start here; build it with `python -m openrlhf_cropi.demo.warm_start {cache} --rebuild`")
+        raise FileNotFoundError(f"{model}: no warm start here; build it with {rebuild_it}")
     if json.loads(record.read_text())["suite_sha256"] != suite_digest(data):
         raise RuntimeError(
-            f"{data} is not the suite {WARM_START} was trained on (openrlhf_cropi/demo/tasks.py changed?): "
-            f"rebuild it with `python -m openrlhf_cropi.demo.warm_start {cache} --rebuild`"
+            f"{data} is not the suite {model} was trained on (openrlhf_cropi/demo/tasks.py changed?): rebuild it with "
+            f"{rebuild_it}"
         )
-    return WARM_START
+    return model
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("cache", type=Path)
-    parser.add_argument("--rebuild", action="store_true", help=f"retrain {WARM_START} (about 30 minutes on 2 cores)")
+    parser.add_argument("--design", choices=list(DESIGNS), default="habits", help="the suite design")
+    parser.add_argument("--rebuild", action="store_true", help="retrain the design's warm start (about 30 minutes on 2 cores)")
     args = parser.parse_args(argv)
     if args.rebuild:
-        record = rebuild(args.cache)
+        record = rebuild(args.cache, args.design)
         print(f"warm start: pool pass rate {record['pool_pass_rates']['all']:.3f}, "
               f"{record['pool_share_with_variance']:.0%} of pool prompts between 0 and 1")  # fmt: skip
-    print(warm_start(args.cache))
+    print(warm_start(args.cache, args.design))  # the last two lines: the model, then the suite
+    print(suite(args.cache, args.design))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
-"""OpenRLHF's policy actor plus CROPI's two side computations on its DeepSpeed model.
+"""OpenRLHF's policy actor plus CROPI's side computations on its DeepSpeed model.
 
-Both methods get one share per data-parallel rank and take only their own rank's: (rollout
+The methods get one share per data-parallel rank and take only their own rank's: (rollout
 store path, prompt index, chunk files) triples that the rank reads from the store itself (the
 trainer's way: tokens never pass through the driver), or a Ray object reference to the prompts
 (nested in a list, so Ray does not resolve it). Before any forward pass the ranks agree, with
@@ -40,6 +40,7 @@ from openrlhf_cropi.core.gradients import (
     top_layers_parameters,
 )
 from openrlhf_cropi.core.projection import SparseProjector
+from openrlhf_cropi.core.similarity import mean_pooled
 from openrlhf_cropi.core.store import RolloutStore, StoreError
 from openrlhf_cropi.flags import CropiFlagError, check_exact_memory, check_projection_cost, objective_of
 
@@ -144,14 +145,18 @@ class _CropiPolicyModelActor(PolicyModelActor.__ray_actor_class__):
     def _zero3(self) -> bool:
         return self.strategy.args.ds.zero_stage == 3
 
-    def _idle_passes(self, count: int, backward: bool) -> None:
-        """ZeRO-3 only: passes on a two-token input that keep this rank in step with the others."""
+    def _idle_passes(self, count: int, backward: bool, decoder_only: bool = False) -> None:
+        """ZeRO-3 only: passes on a two-token input that keep this rank in step with the others
+        (through the same modules as theirs: the whole model, or its decoder without the head)."""
         if not self._zero3():
             return
         model, params = self._cropi_model(), self._params()
         ids = torch.zeros(1, 2, dtype=torch.long, device=self.actor.model.device)
         for _ in range(count):
             with torch.set_grad_enabled(backward):
+                if decoder_only:
+                    model.get_decoder()(input_ids=ids, use_cache=False)
+                    continue
                 out = model(input_ids=ids, use_cache=False).logits.float().sum() * 0.0
                 if backward:  # each (full-size) gradient dropped as soon as it exists
                     stream_gradients(out, params, lambda i, grad: None)
@@ -165,12 +170,13 @@ class _CropiPolicyModelActor(PolicyModelActor.__ray_actor_class__):
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
-    def _agree(self, share, need_behavior: bool, objective: Objective | None, max_tokens: int) -> tuple[list, int]:
+    def _agree(self, share, need_behavior: bool, count_passes) -> tuple[list, int]:
         """Read this rank's share and agree with every rank, in one all-reduce and before any
-        forward pass, that all could read theirs, and on the largest count of forward passes."""
+        forward pass, that all could read theirs, and on the largest count of forward passes
+        (``count_passes(items)``)."""
         try:
             mine, error = _read_share(share, need_behavior), None
-            passes = num_passes(mine, max_tokens, objective)
+            passes = count_passes(mine)
         except Exception as e:  # any failure here is agreed on: no other rank may wait for this one
             mine, error, passes = [], e, 0
         if dist.is_initialized():
@@ -189,7 +195,7 @@ class _CropiPolicyModelActor(PolicyModelActor.__ray_actor_class__):
     @torch.no_grad()
     def cropi_behavior_log_probs(self, shares: list, temperature: float, max_tokens: int) -> list:
         """log beta of every response token of this rank's share: one list of per-response tensors per prompt."""
-        mine, idle = self._agree(shares[_rank()], False, None, max_tokens)
+        mine, idle = self._agree(shares[_rank()], False, lambda items: num_passes(items, max_tokens))
         model, device = self._cropi_model(), self.actor.model.device
         was_training = model.training
         model.eval()
@@ -203,13 +209,32 @@ class _CropiPolicyModelActor(PolicyModelActor.__ray_actor_class__):
         self._release_memory()
         return out
 
+    @torch.no_grad()
+    def cropi_embed(self, shares: list) -> list:
+        """--cropi.selector embedding: each prompt's last hidden states (the decoder's output,
+        no head), mean-pooled over its tokens ([H] float32), one forward per prompt; None where
+        not finite."""
+        mine, idle = self._agree(shares[_rank()], False, len)
+        model, device = self._cropi_model(), self.actor.model.device
+        was_training = model.training
+        model.eval()
+        decoder, out = model.get_decoder(), []
+        for it in tqdm(mine, desc="CROPI prompt embeddings", disable=_rank() != 0):
+            ids = torch.as_tensor(it["prompt_ids"], dtype=torch.long, device=device)[None]
+            vector = mean_pooled(decoder(input_ids=ids, use_cache=False).last_hidden_state[0]).cpu()
+            out.append(vector if bool(torch.isfinite(vector).all()) else None)
+        self._idle_passes(idle, backward=False, decoder_only=True)
+        model.train(was_training)
+        self._release_memory()
+        return out
+
     def _gradient_pass(self, shares: list, max_tokens: int, desc: str, compute) -> list:
         """``compute(log_prob_fn, params, device, objective, item)`` for each prompt of this rank's
         share, as the job trains: the policy's log-probs at --rollout.temperature, the responses
         weighed as in its objective, gradient checkpointing (--actor.gradient_checkpointing_enable)
         as in training but no dropout; ZeRO-3 ranks padded to the agreed pass count."""
         objective = objective_of(self.strategy.args)
-        mine, idle = self._agree(shares[_rank()], True, objective, max_tokens)
+        mine, idle = self._agree(shares[_rank()], True, lambda items: num_passes(items, max_tokens, objective))
         model, device, params = self._cropi_model(), self.actor.model.device, self._params()
         log_prob_fn = causal_lm_log_prob_fn(model, self.strategy.args.rollout.temperature)
         with checkpointing_mode(model):

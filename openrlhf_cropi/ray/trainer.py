@@ -6,6 +6,8 @@
   ranks at --rollout.temperature, only for the prompts that can be scored (pool prompts with
   a gradient, each validation set's seeded choice). A restarted job does only what the store
   lacks; a job resumed past step 0, whose policy is no longer the initial one, stops instead.
+- The cheap targeting baselines' similarities, once: bm25 here, embedding (the initial
+  policy's mean-pooled prompt states) on the policy ranks, kept in the store for a resumed job.
 - At step 0 and every --cropi.steps_per_phase steps: projected off-policy gradients on all
   policy ranks, which read their prompts from the store; the pool's come back chunk by chunk
   and are scored as they come; selection; the prompt sampler switches to the new subset.
@@ -43,6 +45,7 @@ from openrlhf_cropi.core.scoring import (
     tie_break_permutation,
     validation_vector,
 )
+from openrlhf_cropi.core.similarity import bm25_scores
 from openrlhf_cropi.core.store import (
     PromptRollouts,
     RolloutStore,
@@ -158,6 +161,7 @@ class _CropiPPOTrainer(PPOTrainer.__ray_actor_class__):
         self._summaries: dict[str, RolloutSummary] = {}
         self._scored: dict[str, list[int]] = {}  # per split: the prompts scored in every phase
         self._pending_status: dict = {}
+        self._similarity: list[torch.Tensor] = []  # bm25 / embedding: one [N] score per validation set
 
     def _validation_sets(self) -> dict[str, tuple]:
         sets = {}
@@ -408,6 +412,51 @@ class _CropiPPOTrainer(PPOTrainer.__ray_actor_class__):
             out[rank::world] = results
         return out
 
+    # ---- the cheap targeting baselines --------------------------------------------------------
+
+    def _validation_choice(self, split: str) -> list[int]:
+        """The validation prompts bm25 and embedding compare with: a seeded choice of --cropi.max_val_prompts."""
+        return choose_validation(range(len(self.splits[split][0])), self.cropi.max_val_prompts, self.cropi.seed)
+
+    def _similarities(self, resumed_step: int) -> list[torch.Tensor]:
+        """bm25 or embedding scores of every pool prompt against each validation set ([N] each).
+        The embedding is the initial policy's: kept in the store, and required there by a job
+        resumed past step 0."""
+        val_splits = [s for s in self.splits if s != "pool"]
+        if self.cropi.selector == "bm25":
+            val_texts = [[self.splits[s][0].prompts[i] for i in self._validation_choice(s)] for s in val_splits]
+            return bm25_scores(self.splits["pool"][0].prompts, val_texts)
+        path = self.store_dir / "embedding_cosines.pt"
+        meta = {"model": self.args.actor.model_name_or_path, "sources": [self.splits[s][2] for s in self.splits],
+                "max_val_prompts": self.cropi.max_val_prompts, "seed": self.cropi.seed}  # fmt: skip
+        saved = torch.load(path) if path.exists() else None
+        if saved is not None and saved["meta"] == meta:
+            return list(saved["cosines"])
+        if resumed_step > 0:
+            raise CropiFlagError(
+                f"--cropi.selector embedding: {path} " + ("is missing" if saved is None else f"was made for {saved['meta']}")
+                + f": the embeddings are the initial policy's, which this job, resumed from step {resumed_step}, no "
+                "longer has. Resume with the settings this run started with, or start a new run"
+            )
+        means = []
+        for split in val_splits:
+            vectors = [v for v in self._on_actors("cropi_embed", [(split, i) for i in self._validation_choice(split)])
+                       if v is not None]  # fmt: skip
+            if not vectors:
+                raise RuntimeError(f"CROPI: no finite prompt embedding in {self.splits[split][2]}")
+            means.append(torch.stack(vectors).double().mean(0))
+        pool_size = len(self.splits["pool"][0])
+        world = self.args.actor.num_nodes * self.args.actor.num_gpus_per_node
+        cosines, _ = pool_cosines(
+            range(pool_size), pool_size, len(means),
+            projected_cosines(lambda positions: self._on_actors("cropi_embed", [("pool", p) for p in positions]), means),
+            chunk=SCORE_CHUNK_PER_RANK * world, progress="CROPI prompt embeddings",
+        )  # fmt: skip
+        tmp = path.with_name(f".{path.name}.tmp")
+        torch.save({"meta": meta, "cosines": cosines}, tmp)
+        os.replace(tmp, path)
+        return list(cosines)
+
     # ---- phases ------------------------------------------------------------------------------
 
     def _select(self, phase: int) -> dict:
@@ -425,7 +474,12 @@ class _CropiPPOTrainer(PPOTrainer.__ray_actor_class__):
         # A fresh random draw each phase; the others break ties by one seeded order in every phase.
         drawn = self.cropi.selector in ("random", "variance")
         seed = self.cropi.seed + phase if drawn else self.cropi.seed
-        if self.cropi.selector != "influence":
+        if self.cropi.selector in ("bm25", "embedding"):  # scored once, at the start
+            cosines, t_grad, t_score = self._similarity, 0.0, 0.0
+            scored = ~torch.isnan(cosines[0])
+            selected, scores = self._select_prompts(phase, self.cropi.selector, self.cropi.alpha, usable, pass_rate,
+                                                    cosines, scored, self.cropi.rrf_k, seed=seed)  # fmt: skip
+        elif self.cropi.selector != "influence":
             selected, scores = self._select_prompts(phase, self.cropi.selector, self.cropi.alpha, usable, pass_rate,
                                                     seed=seed)  # fmt: skip
             cosines, t_grad, t_score = [], 0.0, 0.0
@@ -433,10 +487,10 @@ class _CropiPPOTrainer(PPOTrainer.__ray_actor_class__):
             selected, scores, cosines, t_grad, grad_status = self._influence(phase, usable, pass_rate)
             t_score = time.time() - t0 - t_grad
             status.update(grad_status)
-            for v, c in enumerate(cosines):
-                finite = c[torch.isfinite(c)]
-                status[f"cropi/val{v}_cos_mean"] = finite.mean().item()
-                status[f"cropi/val{v}_cos_selected_mean"] = c[selected].mean().item()
+        for v, c in enumerate(cosines):  # bm25: scores, not cosines
+            finite = c[torch.isfinite(c)]
+            status[f"cropi/val{v}_cos_mean"] = finite.mean().item()
+            status[f"cropi/val{v}_cos_selected_mean"] = c[selected].mean().item()
         previous = set(self.sampler.subset)
         self.sampler.set_subset(phase, selected)
         chosen = scores[selected].double()
@@ -514,7 +568,7 @@ class _CropiPPOTrainer(PPOTrainer.__ray_actor_class__):
 
     def _save_phase(self, phase, selected: list[int], scores: torch.Tensor, cosines: list, status: dict, seed: int):
         """phases/phase-NNN.json: the selection, each pool prompt's score and cosine per validation
-        set (null where unscored), the tie-break order; phase-NNN.jsonl: the selected rows, usable
+        set (bm25: its BM25 score; null where unscored), the tie-break order; phase-NNN.jsonl: the selected rows, usable
         as a prompt dataset."""
         out = self.store_dir / "phases"
         out.mkdir(parents=True, exist_ok=True)
@@ -550,6 +604,10 @@ class _CropiPPOTrainer(PPOTrainer.__ray_actor_class__):
         # A resumed run finds its phase and subset in the checkpoint's sampler state.
         resumed_step = self.init_checkpoint_states()["global_step"]
         t_rollouts, rollout_status = self._ensure_rollouts(resumed_step)
+        if self.cropi.selector in ("bm25", "embedding"):
+            t0 = time.time()
+            self._similarity = self._similarities(resumed_step)
+            rollout_status["cropi/time_similarity"] = time.time() - t0
         if resumed_step == 0:
             if self.eval_dataloader is not None and self.args.eval.steps > 0:
                 # The initial policy's accuracy, the point every curve starts from, with the

@@ -190,7 +190,7 @@ def test_an_empty_selection_is_an_error_with_the_counts():
     rate = torch.tensor([0.5, 0.25, 1.0, 0.75], dtype=torch.float64)
     nan = torch.full((4,), float("nan"), dtype=torch.float64)
     with pytest.raises(ValueError, match="influence: no prompt can be selected: of 4 pool prompts 3 have reward "
-                                         "variance and a gradient, 0 of them were scored with a finite gradient"):
+                                         "variance and a gradient, 0 of them were scored with a finite score"):
         select_prompts("influence", 0.5, usable, rate, [nan], torch.zeros(4, dtype=torch.bool))
     with pytest.raises(ValueError, match="learnability: .* of 4 pool prompts 0 have reward variance"):
         select_prompts("learnability", 0.5, torch.zeros(4, dtype=torch.bool), rate)

@@ -6,13 +6,17 @@ from pathlib import Path
 
 import pytest
 
-from openrlhf_cropi.demo.report import above_steps, comparison, load_run, phase_table, seed_curve, steps_to, write_report
-from openrlhf_cropi.demo.tasks import FAMILIES
+from openrlhf_cropi.demo.report import (
+    above_steps, comparison, groups, load_run, phase_table, seed_curve, steps_to, write_report,
+)  # fmt: skip
+from openrlhf_cropi.demo.tasks import DESIGNS, FAMILIES
 
 pytest.importorskip("tensorboard")
 pytest.importorskip("matplotlib")
 TARGETS = ("add", "linear")  # FAMILIES[0] and FAMILIES[1]
 OTHERS = tuple(f for f in FAMILIES if f not in TARGETS)
+HABITS = DESIGNS["habits"]
+ANSWERS = {"targeted": 160, "untargeted": 400, "all": 560}
 
 
 def _pool(suite: Path) -> list[dict]:
@@ -28,7 +32,7 @@ def _fake_run(run_dir: Path, suite: Path, gain: float, offset: float = 0.0) -> N
     """Two phases of 2 steps; eval at steps 0, 2, 4; targeted accuracy rises by `gain` per eval."""
     from torch.utils.tensorboard import SummaryWriter
 
-    _pool(suite)
+    pool = _pool(suite)
     writer = SummaryWriter(str(run_dir / "tensorboard" / "ppo_x"))  # OpenRLHF's layout: tensorboard/<run name>/
     for step, phase in [(1, 0), (2, 0), (3, 1), (4, 1)]:
         writer.add_scalar("train/cropi/phase", phase, step)
@@ -46,6 +50,7 @@ def _fake_run(run_dir: Path, suite: Path, gain: float, offset: float = 0.0) -> N
         status = {"cropi/time_gradients": 3.0, "cropi/time_scoring": 0.5}
         record = {"phase": phase, "selector": "influence", "selected": selected, "status": status}
         (phases / f"phase-{phase:03d}.json").write_text(json.dumps(record))
+        (phases / f"phase-{phase:03d}.jsonl").write_text("".join(json.dumps(pool[i]) + "\n" for i in sorted(selected)))
 
 
 def _rows(lines: list[str], table: int = 0) -> dict[str, list[str]]:
@@ -71,7 +76,7 @@ def test_run_accuracy_phases_and_table(tmp_path):
         {"phase": 0, "rollouts": 60.0, "selection": 3.5, "training": 20.0},
         {"phase": 1, "rollouts": 0.0, "selection": 3.5, "training": 20.0},
     ]
-    table = phase_table(run, [json.loads(x) for x in (tmp_path / "suite/pool.jsonl").read_text().splitlines()], TARGETS)
+    table = phase_table(run, HABITS, TARGETS)
     assert table[2] == f"| 0 | 1-2 | {FAMILIES[0]} 1, {FAMILIES[1]} 1 | 60 | 3.5 | 20.0 | 0.300 | 0.500 |"
     assert table[3] == f"| 1 | 3-4 | {FAMILIES[0]} 2 | 0 | 3.5 | 20.0 | 0.400 | 0.500 |"
 
@@ -118,7 +123,7 @@ def test_curriculum_comparison(tmp_path):
             _fake_run(tmp_path / f"{name}-{seed}", tmp_path / "suite", gain)
             runs[name].append(load_run(tmp_path / f"{name}-{seed}"))
     pool = _pool(tmp_path / "suite")
-    lines, _ = comparison(runs, pool, TARGETS, "full data", {"targeted": 160, "untargeted": 400})
+    lines, _ = comparison(runs, pool, HABITS, TARGETS, "full data", ANSWERS)
     rows = _rows(lines)
     # Full data peaks at 0.3 at step 4; CROPI passes 0.3 at step 2: 2x. Random never reaches it.
     assert rows["CROPI 10%"][1:3] == ["2", "2.00x"]
@@ -126,8 +131,12 @@ def test_curriculum_comparison(tmp_path):
     assert rows["random 10%"][1:3] == ["-", "not reached"]
     # Identical seeds: zero spread, so a zero-width t interval.
     assert rows["CROPI 10%"][4] == "0.400 ± 0.000"
+    # All families at step 4: (2 x 0.4 + 5 x 0.5) / 7.
+    assert rows["CROPI 10%"][6] == f"{(2 * 0.4 + 5 * 0.5) / 7:.3f} ± 0.000"
     # Subsets of the fake runs: rows 0, 1, 0, 7 -> families 0, 1, 0, 0: all targeted.
-    assert rows["CROPI 10%"][6] == "100%"
+    assert rows["CROPI 10%"][7] == "100%"
+    mix = _rows(lines, table=2)["CROPI 10%"]
+    assert [c.strip(" |") for c in mix[1:3]] == ["75%", "25%"] and all(c.strip(" |") == "0%" for c in mix[3:])
     by_step = _rows(lines, table=1)
     assert [c.strip(" |") for c in by_step["random 10%"][1:]] == ["0.200 ± 0.000", "0.220 ± 0.000", "0.240 ± 0.000"]
     # Zero-width intervals: apart wherever the means differ.
@@ -142,7 +151,7 @@ def test_curriculum_lists_each_seed_in_seed_order(tmp_path):
         for seed, offset in enumerate(offsets):
             _fake_run(tmp_path / f"{name}-{seed}", tmp_path / "suite", gain, offset)
             runs[name].append(load_run(tmp_path / f"{name}-{seed}"))
-    lines, _ = comparison(runs, _pool(tmp_path / "suite"), TARGETS, "full data", {"targeted": 160, "untargeted": 400})
+    lines, _ = comparison(runs, _pool(tmp_path / "suite"), HABITS, TARGETS, "full data", ANSWERS)
     # Step 4 is the third evaluation: 0.2 + offset + 2 * gain.
     assert "Targeted accuracy at step 4 per seed: full data 0.300, 0.400; CROPI 10% 0.420, 0.400." in lines
 
@@ -160,7 +169,7 @@ def test_comparison_when_the_reference_never_improves(tmp_path):
     for name, gain in [("full data", -0.05), ("CROPI 10%", 0.1)]:
         _fake_run(tmp_path / name, tmp_path / "suite", gain)
         runs[name] = [load_run(tmp_path / name)]
-    lines, _ = comparison(runs, _pool(tmp_path / "suite"), TARGETS, "full data", {"targeted": 160, "untargeted": 400})
+    lines, _ = comparison(runs, _pool(tmp_path / "suite"), HABITS, TARGETS, "full data", ANSWERS)
     assert "first reached at step 0" in lines[0]
     assert all(row[2] == "n/a: full data never beat step 0" for row in _rows(lines).values()), lines
     assert not any("per seed" in line for line in lines)  # one seed: nothing to list
@@ -172,3 +181,11 @@ def test_t_quantiles_match_scipy():
     from openrlhf_cropi.demo.report import _T95
 
     assert all(abs(q - t.ppf(0.975, df)) < 1e-3 for df, q in _T95.items())
+
+
+def test_the_surface_design_targets_a_skill_in_both_forms():
+    surface = DESIGNS["surface"]
+    by_group = groups(surface, ("add_word",))
+    assert by_group["targeted"] == ("add_sym", "add_word")
+    assert set(by_group["untargeted"]) == set(surface.families) - {"add_sym", "add_word"}
+    assert groups(HABITS, TARGETS)["targeted"] == TARGETS

@@ -6,7 +6,8 @@ import pytest
 
 from openrlhf_cropi.demo.reward import is_correct
 from openrlhf_cropi.demo.tasks import (
-    DEFAULT_TARGETS, DIFFICULTIES, FAMILIES, HABIT_RATE, HABITS, build_suite, parse_targets, read_jsonl,
+    DEFAULT_TARGETS, DESIGNS, DIFFICULTIES, FAMILIES, HABIT_RATE, HABITS, build_suite, parse_targets, read_jsonl,
+    suite_design, write_oracle_pool,
 )  # fmt: skip
 
 VAL_FILES = tuple(f"val_{f}.jsonl" for f in FAMILIES)
@@ -33,6 +34,10 @@ def _solve(prompt: str) -> int:
         return n[0] + n[1]
     if "gives away" in prompt:
         return n[0] - n[1]
+    if "bags of" in prompt:
+        return n[0] * n[1]
+    if "the richer one" in prompt:
+        return max(n)
     raise AssertionError(f"unknown prompt {prompt!r}")
 
 
@@ -100,7 +105,49 @@ def test_too_many_distinct_problems_asked_for_is_an_error(tmp_path):
 def test_targets_are_validated_with_the_flag_named():
     assert parse_targets(["mul", "compare", "mul"]) == ("mul", "compare")
     assert parse_targets(list(DEFAULT_TARGETS)) == DEFAULT_TARGETS
-    for bad, match in [(["add", "division"], "unknown: division"), ([], "give 1 to 6"), (list(FAMILIES), "give 1 to 6")]:
+    for bad, match in [(["add", "division"], "unknown: division"), ([], "1 to 6 skills"), (list(FAMILIES), "1 to 6 skills")]:
         with pytest.raises(ValueError, match=match) as err:
             parse_targets(bad)
         assert str(err.value).startswith("--targets")
+
+
+@pytest.fixture(scope="module")
+def surface(tmp_path_factory):
+    return build_suite(tmp_path_factory.mktemp("surface"), seed=0, pool=140, val=12, test=9, sft=800, design="surface")
+
+
+def test_surface_design_labels_habits_and_pool(surface):
+    """Every label right (the same independent solver); a habit belongs to the skill, in both
+    forms; the pool lacks the validation form (word-form addition) and has the rest."""
+    design = DESIGNS["surface"]
+    assert suite_design(surface) == "surface"
+    for name in ("pool.jsonl", "test.jsonl", *(f"val_{f}.jsonl" for f in design.families)):
+        for row in read_jsonl(surface / name):
+            assert int(row["label"]) == _solve(row["prompt"]) >= 0, row
+    skill_words = {"add": ("+", "gets"), "sub": (" - ", "gives away"), "mul": ("*", "bags of"), "cmp": ("larger", "richer")}
+    habits = 0
+    for row in read_jsonl(surface / "sft.jsonl"):
+        skill = next(k for k, words in skill_words.items() if any(w in row["prompt"] for w in words))
+        answer = _solve(row["prompt"])
+        if row["response"] != str(answer):
+            assert row["response"] == design.habits[f"{skill}_sym"].format(answer), row
+            habits += 1
+    assert abs(habits / 800 - HABIT_RATE) < 0.1
+    assert design.habits["add_sym"] == design.habits["add_word"] != design.habits["sub_word"]
+    pool = read_jsonl(surface / "pool.jsonl")
+    assert {r["family"] for r in pool} == set(design.families) - {"add_word"}
+    assert {r["family"] for r in read_jsonl(surface / "test.jsonl")} == set(design.families)
+    # The look-alike: word-form subtraction shares the validation form's template.
+    word_sub = next(r["prompt"] for r in pool if r["family"] == "sub_word")
+    word_add = read_jsonl(surface / "val_add_word.jsonl")[0]["prompt"]
+    assert word_sub.split()[0] in {"Ann", "Bob", "Cy", "Dee", "Eve"} and word_add.endswith("now?") and word_sub.endswith("now?")
+    assert parse_targets(["add_word"], design="surface") == ("add_word",)
+    with pytest.raises(ValueError, match="unknown: add"):
+        parse_targets(["add"], design="surface")
+
+
+def test_oracle_pool_holds_the_targeted_skills_prompts(surface, suite):
+    rows = read_jsonl(write_oracle_pool(surface, ["add_word"]))
+    assert rows and {r["family"] for r in rows} == {"add_sym"}  # the skill's only form in the pool
+    assert len(rows) == sum(r["family"] == "add_sym" for r in read_jsonl(surface / "pool.jsonl"))
+    assert {r["family"] for r in read_jsonl(write_oracle_pool(suite, ["add", "linear"]))} == {"add", "linear"}

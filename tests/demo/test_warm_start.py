@@ -22,12 +22,13 @@ def test_sft_learns_one_family_and_is_seeded(tmp_path):
     assert (tmp_path / "a/model.safetensors").read_bytes() == (tmp_path / "b/model.safetensors").read_bytes()
 
 
-def test_shipped_warm_start_belongs_to_the_suite_and_has_spread(tmp_path):
-    assert ws.warm_start(tmp_path) == ws.WARM_START
-    record = json.loads((ws.WARM_START / "warm_start.json").read_text())
+@pytest.mark.parametrize("design", list(ws.WARM_STARTS))
+def test_shipped_warm_start_belongs_to_the_suite_and_has_spread(tmp_path, design):
+    assert ws.warm_start(tmp_path, design) == ws.WARM_STARTS[design]
+    record = json.loads((ws.WARM_STARTS[design] / "warm_start.json").read_text())
     # The bar GRPO needs (issue 13): at least 40% of the pool with 0 < pass rate < 1 at K = 8.
     assert record["pool_share_with_variance"] >= 0.4
-    model = ws.WARM_START / "model.safetensors"
+    model = ws.WARM_STARTS[design] / "model.safetensors"
     from safetensors.torch import load_file
 
     assert sum(t.numel() for t in load_file(model).values()) == 3_389_696

@@ -239,3 +239,38 @@ def test_validation_set_without_reward_variance_stops_before_training(cpu_env, t
     assert len(list((store / "rollouts/val0").glob("chunk-*.pt"))) == 1  # the rollouts are kept
     assert not (store / "phases").exists()  # nothing selected
     assert not any("train/policy_loss" in run for run in _tensorboard_runs(tmp_path / "tb"))  # nor trained
+
+
+def test_embedding_selector_scores_the_initial_policys_prompt_states(cpu_env, tiny_models, tmp_path):
+    """--cropi.selector embedding: the pool's cosines with the validation mean of the initial
+    policy's mean-pooled last hidden states equal plain transformers' (output_hidden_states), are
+    kept in the store, and pick the top alpha among prompts with variance, the same in every
+    phase; nothing is teacher-forced."""
+    from transformers import AutoModelForCausalLM
+
+    model = str(tiny_models[0])
+    extra = ("--cropi.selector", "embedding", "--cropi.num_phases", "2", "--cropi.steps_per_phase", "1",
+             "--ckpt.save_steps", "-1")  # fmt: skip
+    rc = _run_until(_job_command(tmp_path, model, *extra), lambda: False, tmp_path / "run.log")
+    log = (tmp_path / "run.log").read_text()
+    assert rc == 0, log[-5000:]
+    assert "CROPI teacher forcing: 0 of 22 prompts need log beta" in log
+    store = tmp_path / "ckpt/cropi"
+    saved = torch.load(store / "embedding_cosines.pt")["cosines"]
+
+    hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+
+    def embedding(split, i):
+        ids = RolloutStore(store / "rollouts" / split).get(i).prompt_ids
+        with torch.no_grad():
+            return hf(input_ids=torch.as_tensor(ids)[None], output_hidden_states=True).hidden_states[-1][0].double().mean(0)
+
+    target = torch.stack([embedding("val0", i) for i in range(6)]).mean(0)
+    oracle = torch.stack([torch.nn.functional.cosine_similarity(embedding("pool", i), target, dim=0) for i in range(16)])
+    print("embedding cosines vs plain transformers, max |difference|:", (saved[0].double() - oracle).abs().max().item())
+    torch.testing.assert_close(saved[0].double(), oracle, atol=1e-5, rtol=0)
+
+    usable = RolloutStore(store / "rollouts/pool").summary().usable
+    expected = sorted(sorted(torch.nonzero(usable).flatten().tolist(), key=lambda i: -oracle[i].item())[:4])
+    phases = [json.loads((store / f"phases/phase-{m:03d}.json").read_text()) for m in (0, 1)]
+    assert [sorted(p["selected"]) for p in phases] == [expected, expected]

@@ -10,7 +10,9 @@ ZeRO-2, two ranks (gloo) with ZeRO-2, and with ZeRO-3 and gradient checkpointing
 recipe's setting), must all give the oracle's vectors; so must two ZeRO-3 ranks on a model with
 tied embeddings (Qwen2.5-0.5B/1.5B, SmolLM2). The exact scores (--cropi.projector none: validation
 means kept on the ranks, all-reduced) must give the oracle's float64 cosines of the whole gradients
-in every one of these settings. The ranks read their prompts from a rollout
+in every one of these settings, and the prompt embeddings (--cropi.selector embedding) the mean of
+the final norm of the last decoder layer's output, as an explicit hook on plain transformers reads
+it (ZeRO-3: the rank with fewer prompts pads with decoder-only passes). The ranks read their prompts from a rollout
 store, as in a job; one that cannot find its prompt stops every rank with an error naming its
 node and the chunk, instead of leaving the others waiting in a collective.
 """
@@ -104,6 +106,22 @@ def _oracle(model_dir, items):
     return torch.stack([projector.project(grad) for grad in grads]), cosines
 
 
+def _oracle_embeddings(model_dir, items):
+    """Each prompt's mean over its tokens of the final norm applied to the last decoder layer's output."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager").eval()
+    captured = []
+    hook = model.model.layers[-1].register_forward_hook(lambda module, args, out: captured.append(out[0] if isinstance(out, tuple) else out))
+    out = []
+    with torch.no_grad():
+        for it in items:
+            model(input_ids=torch.as_tensor(it["prompt_ids"])[None])
+            out.append(model.model.norm(captured.pop()).reshape(len(it["prompt_ids"]), -1).double().mean(0))
+    hook.remove()
+    return torch.stack(out)
+
+
 def _actor_vectors(model_dir, reads, ranks, zero_stage, checkpointing, unreadable=None):
     """The actor's vectors of the stored prompts, rank r on reads[r::ranks] as the trainer shares
     them. ``unreadable``: a read (path, index, chunks) of a prompt the store lacks, then given to
@@ -140,6 +158,9 @@ def _actor_vectors(model_dir, reads, ranks, zero_stage, checkpointing, unreadabl
         cosines = [None] * len(reads)
         for rank, rows in enumerate(per_rank):
             cosines[rank::ranks] = rows
+        embeddings = [None] * len(reads)
+        for rank, rows in enumerate(ray.get(group.async_run_method("cropi_embed", shares))):
+            embeddings[rank::ranks] = rows
         errors = None
         if unreadable is not None:
             shares[-1] = shares[-1] + [unreadable]
@@ -151,7 +172,7 @@ def _actor_vectors(model_dir, reads, ranks, zero_stage, checkpointing, unreadabl
                     ray.get(ref, timeout=120)
                 errors.append(str(caught.value))
             errors.append(time.time() - t0)
-        return torch.stack(vectors), torch.stack(cosines), errors
+        return torch.stack(vectors), torch.stack(cosines), torch.stack(embeddings), errors
     finally:
         ray.shutdown()
 
@@ -163,6 +184,13 @@ def _check_exact(got, oracle, what):
     print(f"{what}: exact cosines {oracle.flatten().tolist()}, max |error| {error:.2e}")
     assert got.dtype == torch.float64 and oracle.abs().max() > 0.5  # not all near 0
     assert error < 3e-6
+
+
+def _check_embeddings(got, oracle, what):
+    error = (got.double() - oracle).abs().max()
+    print(f"{what}: prompt embeddings max |error| {error:.2e}")
+    assert got.dtype == torch.float32 and oracle.abs().max() > 0.1
+    assert error < 1e-4
 
 
 def _check(got, oracle, what):
@@ -183,15 +211,17 @@ def test_sharded_zero2_and_zero3_match_the_oracle(cpu_env, tiny_models, tmp_path
     items = _items(model_dir, behavior_dir)
     reads = _store(tmp_path / "store", items)
     oracle, oracle_cosines = _oracle(model_dir, items)
+    oracle_embeddings = _oracle_embeddings(model_dir, items)
     assert oracle.norm(dim=-1).min() > 0
     results = {}
     for ranks, zero_stage, checkpointing in [(1, 2, False), (2, 2, False), (2, 3, True)]:
         missing = (str(tmp_path / "store"), 99, ["chunk-000007.pt"]) if zero_stage == 3 else None
-        got, cosines, errors = _actor_vectors(model_dir, reads, ranks, zero_stage, checkpointing, missing)
+        got, cosines, embeddings, errors = _actor_vectors(model_dir, reads, ranks, zero_stage, checkpointing, missing)
         results[ranks, zero_stage] = got
         what = f"{ranks} rank(s), ZeRO-{zero_stage}, checkpointing {checkpointing}"
         _check(got, oracle, what)
         _check_exact(cosines, oracle_cosines, what)
+        _check_embeddings(embeddings, oracle_embeddings, what)
     # Sharding the prompts over ranks changes nothing: each prompt is computed whole on one rank.
     torch.testing.assert_close(results[2, 2], results[1, 2], rtol=0, atol=0)
     # The ZeRO-3 rank that could not find prompt 99 names its node and the chunk; the other rank
@@ -211,9 +241,10 @@ def test_zero3_on_a_tied_embedding_model_matches_the_oracle(cpu_env, tmp_path):
     behavior_dir = build_tiny_model(tmp_path / "tied-behavior", seed=1, tie_word_embeddings=True)
     items = _items(model_dir, behavior_dir)
     oracle, oracle_cosines = _oracle(model_dir, items)
-    got, cosines, _ = _actor_vectors(model_dir, _store(tmp_path / "store", items), 2, 3, False)
+    got, cosines, embeddings, _ = _actor_vectors(model_dir, _store(tmp_path / "store", items), 2, 3, False)
     _check(got, oracle, "2 ranks, ZeRO-3, tied embeddings")
     _check_exact(cosines, oracle_cosines, "2 ranks, ZeRO-3, tied embeddings")
+    _check_embeddings(embeddings, _oracle_embeddings(model_dir, items), "2 ranks, ZeRO-3, tied embeddings")
 
 
 def test_zero3_refuses_moe_leaf_modules(tiny_models):
