@@ -215,11 +215,17 @@ def comparison(
             f"{statistics.mean(trained) if trained else 0:.1f} |"
         )
     steps = sorted(set.intersection(*(set(c["targeted"]) for c in curves.values())))
-    lines += ["", "Targeted accuracy by step, mean ± 95% half-width:", "",
-              "| arm | " + " | ".join(f"step {s}" for s in steps) + " |", "|---" * (len(steps) + 1) + "|"]  # fmt: skip
-    for name, arm_curves in curves.items():
-        cells = (f"{arm_curves['targeted'][s][0]:.3f} ± {arm_curves['targeted'][s][1]:.3f}" for s in steps)
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    for group in by_group:
+        lines += ["", f"{group.capitalize()} accuracy by step ({', '.join(by_group[group])}), mean ± 95% half-width:", "",
+                  "| arm | " + " | ".join(f"step {s}" for s in steps) + " |", "|---" * (len(steps) + 1) + "|"]  # fmt: skip
+        for name, arm_curves in curves.items():
+            cells = (f"{arm_curves[group][s][0]:.3f} ± {arm_curves[group][s][1]:.3f}" for s in steps)
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", f"Accuracy per test family at step 0 -> step {end} (seed means):", "",
+              "| arm | " + " | ".join(design.families) + " |", "|---" * (len(design.families) + 1) + "|"]  # fmt: skip
+    for name, runs in results.items():
+        per_family = [[statistics.mean(r.accuracy((f,))[step] for r in runs) for step in (0, end)] for f in design.families]
+        lines.append(f"| {name} | " + " | ".join(f"{a:.3f} -> {b:.3f}" for a, b in per_family) + " |")
     lines += ["", "Subsets by family (share of all phases' selections, over seeds):", "",
               "| arm | " + " | ".join(design.families) + " |", "|---" * (len(design.families) + 1) + "|"]  # fmt: skip
     for name, runs in results.items():

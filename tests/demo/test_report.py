@@ -135,10 +135,12 @@ def test_curriculum_comparison(tmp_path):
     assert rows["CROPI 10%"][6] == f"{(2 * 0.4 + 5 * 0.5) / 7:.3f} ± 0.000"
     # Subsets of the fake runs: rows 0, 1, 0, 7 -> families 0, 1, 0, 0: all targeted.
     assert rows["CROPI 10%"][7] == "100%"
-    mix = _rows(lines, table=2)["CROPI 10%"]
+    assert _rows(lines, table=4)["CROPI 10%"][1].strip(" |") == "0.200 -> 0.400"  # add, steps 0 -> 4
+    mix = _rows(lines, table=5)["CROPI 10%"]
     assert [c.strip(" |") for c in mix[1:3]] == ["75%", "25%"] and all(c.strip(" |") == "0%" for c in mix[3:])
     by_step = _rows(lines, table=1)
     assert [c.strip(" |") for c in by_step["random 10%"][1:]] == ["0.200 ± 0.000", "0.220 ± 0.000", "0.240 ± 0.000"]
+    assert [c.strip(" |") for c in _rows(lines, table=2)["random 10%"][1:]] == ["0.500 ± 0.000"] * 3  # untargeted
     # Zero-width intervals: apart wherever the means differ.
     assert "- CROPI 10% above random 10%, 95% intervals apart: at steps 2, 4 (of 0, 2, 4)." in lines
     assert "- CROPI 10% above full data, 95% intervals apart: at steps 2, 4 (of 0, 2, 4)." in lines
