@@ -263,7 +263,8 @@ def plot_accuracy(
             half = [h for _, h in by_group[group].values()]
             ax.plot(steps, mean, marker="o", label=name)
             ax.fill_between(steps, [m - h for m, h in zip(mean, half)], [m + h for m, h in zip(mean, half)], alpha=0.2)
-        ax.set_title(f"{group} test accuracy ({', '.join(families)})", fontsize=9)
+        named = ", ".join(families) if len(families) <= 3 else f"{len(families)} families"
+        ax.set_title(f"{group} test accuracy ({named})", fontsize=9)
         ax.set_xlabel("global step")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("accuracy (pass@1, 95% band)")
