@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import os
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -129,6 +130,8 @@ class CropiArgs:
             return
         if not self.val_datasets and self.selector in SIMILARITY_SELECTORS:
             raise CropiFlagError(f"--cropi.val_datasets: the {self.selector} selector needs at least one validation set")
+        if self.selector == "bm25" and importlib.util.find_spec("bm25s") is None:  # refused now, not after the rollouts
+            raise CropiFlagError("--cropi.selector bm25: needs bm25s: pip install 'openrlhf-cropi[bm25]'")
         for path in self.val_datasets or []:
             local = path.split("@")[0].strip()
             if os.path.splitext(local)[1] in {".json", ".jsonl", ".csv", ".parquet", ".arrow"}:

@@ -111,6 +111,7 @@ def test_openrlhfs_own_classes_cannot_run_in_a_cropi_job(files, monkeypatch):
         (["--cropi.val_datasets", "{val}", "--cropi.keep_ratio", "0"], "--cropi.keep_ratio"),
         (["--cropi.val_datasets", "{val}", "--cropi.train_samples", "1"], "--cropi.train_samples"),
         ([], "--cropi.val_datasets: the influence selector needs at least one validation set"),
+        (["--cropi.selector", "embedding"], "--cropi.val_datasets: the embedding selector needs at least one validation set"),
         (["--cropi.val_datasets", "{val}", "--train.async_enable"], "--train.async_enable"),
         (["--cropi.val_datasets", "{val}", "--ds.tensor_parallel_size", "2"], "--ds.tensor_parallel_size"),
         (["--cropi.val_datasets", "{val}", "--data.dataloader_num_workers", "2"], "--data.dataloader_num_workers"),
@@ -205,3 +206,16 @@ def test_help_lists_the_cropi_group_next_to_openrlhf_flags():
     out = subprocess.run([sys.executable, "-m", "openrlhf_cropi.cli.train_ppo_ray", "--help"],
                          capture_output=True, text=True, check=True).stdout  # fmt: skip
     assert "CROPI (openrlhf-cropi):" in out and "--cropi.val_datasets" in out and "--actor.model_name_or_path" in out
+
+
+def test_bm25_without_bm25s_is_refused_at_startup(monkeypatch):
+    import importlib.util
+
+    from openrlhf_cropi.flags import CropiArgs, CropiFlagError
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None if name == "bm25s" else real(name, *args))
+    with pytest.raises(CropiFlagError, match=r"^--cropi.selector bm25: needs bm25s: pip install 'openrlhf-cropi\[bm25\]'"):
+        CropiArgs(enable=True, selector="bm25", val_datasets=["org/some-dataset"])
+    monkeypatch.undo()
+    assert CropiArgs(enable=True, selector="bm25", val_datasets=["org/some-dataset"]).selector == "bm25"
