@@ -49,7 +49,7 @@ def test_demo_small(cpu_env, tmp_path):
     assert len(list((out / "influence/ckpt/cropi/rollouts").glob("val*"))) == 2
 
     report = (out / "report.md").read_text()
-    assert "Targets: mul, compare" in report and "| CROPI 10% |" in report and "| random 10% |" in report
+    assert "Validation sets: mul, compare; targeted families: mul, compare" in report and "| CROPI 10% |" in report and "| random 10% |" in report
     for png in ("accuracy.png", "subsets.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # Resumable: a rerun keeps both arms and only rewrites the report.
