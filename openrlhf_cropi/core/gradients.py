@@ -49,18 +49,48 @@ from .projection import SparseProjector
 LogProbFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def causal_lm_log_prob_fn(model: torch.nn.Module, temperature: float = 1.0) -> LogProbFn:
+def shares_prompt(model: torch.nn.Module) -> bool:
+    """Whether ``causal_lm_log_prob_fn`` can pack a micro-batch's rows onto one copy of the prompt:
+    eager or SDPA attention (a custom 4D mask; flash-attention takes none) over full attention in
+    every layer (a sliding window would be lost with the mask)."""
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "_attn_implementation", None) not in ("eager", "sdpa"):
+        return False
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        return all(t == "full_attention" for t in layer_types)
+    return getattr(config, "sliding_window", None) is None
+
+
+def causal_lm_log_prob_fn(model: torch.nn.Module, temperature: float = 1.0, share_prompt: bool = True) -> LogProbFn:
     """LogProbFn for a transformers causal LM: float32 logits / temperature, next-token log-probs.
 
     Mirrors OpenRLHF's Actor: position ids from the attention mask, logits cast to float32 and
     divided by the sampling temperature. The caller puts the model in eval mode (no dropout), or
     in ``checkpointing_mode``. No KV cache is built.
+
+    ``share_prompt``: the rows of a micro-batch all start with the same prompt (``pack_micro_batch``),
+    so where ``shares_prompt(model)`` they run as one row ``[prompt | y_1 | ... | y_B]`` (responses
+    unpadded) whose mask lets each response see the prompt and its own earlier tokens, at the
+    positions it has in its own row: the same log-probs from p + sum|y_k| tokens instead of
+    B (p + max|y_k|) (the demo's prompts are 78% of its padded rows). One model call, so each
+    parameter's gradient still arrives once, whole. It costs an L x L mask (model dtype) and
+    attention scores over L = p + sum|y_k| tokens, so it is taken only where it costs fewer FLOPs
+    than whole rows and, for L > 2048, holds no more scores than they do (long responses: whole rows).
     """
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+    share_prompt = share_prompt and hidden is not None and shares_prompt(model)
 
-    def log_probs(input_ids: torch.Tensor, attention_mask: torch.Tensor, action_mask: torch.Tensor) -> torch.Tensor:
-        num_actions = action_mask.shape[1]
+    def next_token_log_probs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        if temperature != 1.0:  # in place (as OpenRLHF does): no second T x V float32 tensor
+            logits = logits.div_(temperature)
+        picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        return picked - torch.logsumexp(logits, dim=-1)
+
+    def whole_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, num_actions: int) -> torch.Tensor:
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)
         # Only the logits that predict the last num_actions tokens are needed.
         out = model(
@@ -70,12 +100,45 @@ def causal_lm_log_prob_fn(model: torch.nn.Module, temperature: float = 1.0) -> L
             logits_to_keep=num_actions + 1,
             use_cache=False,
         )
-        logits = out.logits[:, :-1].float()
-        if temperature != 1.0:  # in place (as OpenRLHF does): no second T x V float32 tensor
-            logits = logits.div_(temperature)
-        targets = input_ids[:, -num_actions:]
-        picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-        return picked - torch.logsumexp(logits, dim=-1)
+        return next_token_log_probs(out.logits[:, :-1], input_ids[:, -num_actions:])
+
+    def one_row(input_ids: torch.Tensor, attention_mask: torch.Tensor, num_actions: int, lengths: list[int]) -> torch.Tensor:
+        rows, prompt_length = len(input_ids), input_ids.shape[1] - num_actions
+        p, device = prompt_length, input_ids.device
+        ids = torch.cat([input_ids[0, :p]] + [input_ids[k, p : p + n] for k, n in enumerate(lengths)])
+        segment = torch.cat([torch.zeros(p, dtype=torch.long)] + [torch.full((n,), k + 1) for k, n in enumerate(lengths)])
+        positions = torch.cat([torch.arange(p)] + [torch.arange(p, p + n) for n in lengths])
+        visible = torch.ones(len(ids), len(ids), dtype=torch.bool).tril_()  # causal ...
+        visible &= (segment[None, :] == 0) | (segment[None, :] == segment[:, None])  # ... within prompt + own response
+        mask = torch.zeros(visible.shape, dtype=model.dtype).masked_fill_(~visible, torch.finfo(model.dtype).min)
+        # The position whose logits predict token t of response k: the prompt's last for t = 0,
+        # else its own token t - 1; any position for padding.
+        start = p + torch.cumsum(torch.tensor([0] + lengths[:-1]), 0)[:, None]
+        t = torch.arange(num_actions)[None, :]
+        keep = torch.where(t == 0, p - 1, start + t - 1).where(t < torch.tensor(lengths)[:, None], p - 1)
+        out = model(input_ids=ids[None], attention_mask=mask[None, None].to(device), position_ids=positions[None].to(device),
+                    logits_to_keep=keep.reshape(-1).to(device), use_cache=False)  # fmt: skip
+        return next_token_log_probs(out.logits[0].view(rows, num_actions, -1), input_ids[:, -num_actions:])
+
+    def log_probs(input_ids: torch.Tensor, attention_mask: torch.Tensor, action_mask: torch.Tensor) -> torch.Tensor:
+        num_actions = action_mask.shape[1]
+        if share_prompt:
+            rows, padded = input_ids.shape
+            prompt_length = padded - num_actions
+            lengths = attention_mask[:, prompt_length:].sum(-1)
+            steps = torch.arange(num_actions, device=lengths.device)
+            if not bool((input_ids[:, :prompt_length] == input_ids[:1, :prompt_length]).all()
+                        and attention_mask[:, :prompt_length].all()
+                        and (attention_mask[:, prompt_length:] == (steps < lengths[:, None])).all()):  # fmt: skip
+                raise ValueError("rows must be [prompt | response | right padding] with one prompt (pack_micro_batch)")
+            lengths = lengths.tolist()
+            packed = prompt_length + sum(lengths)
+            # Per layer: about 6 d FLOP units per token for the linear maps against 1 per attention
+            # score; and beyond 2048 tokens no more scores (eager attention holds them) than whole rows.
+            cheaper = 6 * hidden * packed + packed**2 < rows * (6 * hidden * padded + padded**2)
+            if cheaper and (packed <= 2048 or packed**2 <= rows * padded**2):
+                return one_row(input_ids, attention_mask, num_actions, lengths)
+        return whole_rows(input_ids, attention_mask, num_actions)
 
     return log_probs
 

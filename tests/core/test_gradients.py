@@ -19,6 +19,7 @@ from openrlhf_cropi.core.gradients import (
     plan_micro_batches,
     projected_gradient,
     prompt_gradient,
+    shares_prompt,
     stream_gradients,
     top_layers_parameters,
 )
@@ -108,6 +109,54 @@ def test_log_prob_fn_matches_oracle_with_padding(tiny_lm):
             torch.testing.assert_close(got[k, : len(r)], want, rtol=1e-5, atol=1e-5)
 
 
+def row_shapes(model):
+    """The input_ids shapes of the model's forward calls, recorded."""
+    shapes = []
+    model.register_forward_pre_hook(lambda module, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)),
+                                    with_kwargs=True)  # fmt: skip
+    return shapes
+
+
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_shared_prompt_row_matches_the_oracle(tiny_lm, attention):
+    """The rows of a micro-batch run as one row [prompt | y_1 | ... | y_B]: one call, p + sum|y_k|
+    tokens, the oracle's log-probs and gradient (each response alone, unpadded)."""
+    model = tiny_lm
+    model.set_attn_implementation(attention)
+    shapes = row_shapes(model)
+    fn = causal_lm_log_prob_fn(model, temperature=0.7)
+    ids, attn, act = pack_micro_batch(PROMPT, RESPONSES, "cpu")
+    with torch.no_grad():
+        got = fn(ids, attn, act)
+    assert shapes == [(1, len(PROMPT) + sum(len(r) for r in RESPONSES))]
+    for k, r in enumerate(RESPONSES):
+        want = torch.stack(oracle_token_log_probs(model, PROMPT, r, temperature=0.7))
+        torch.testing.assert_close(got[k, : len(r)], want, rtol=1e-5, atol=1e-5)
+    behavior = [b - 0.1 * k for k, b in enumerate(behavior_log_probs(fn, PROMPT, RESPONSES, 10_000, "cpu"))]
+    got = prompt_gradient(fn, list(model.parameters()), PROMPT, RESPONSES, REWARDS, behavior, 10_000, "cpu")
+    assert_grads_close(got, oracle_gradient(model, PROMPT, RESPONSES, REWARDS, behavior, temperature=0.7))
+
+
+def test_whole_rows_where_a_shared_prompt_cannot_apply_or_costs_more(tiny_lm):
+    ids, attn, act = pack_micro_batch(PROMPT, RESPONSES, "cpu")
+    shapes = row_shapes(tiny_lm)
+    causal_lm_log_prob_fn(tiny_lm, share_prompt=False)(ids, attn, act)
+    assert shapes == [tuple(ids.shape)]
+    # Long responses after a short prompt: attention over one long row would cost more.
+    long_ids, long_attn, long_act = pack_micro_batch(PROMPT[:1], [torch.arange(100) % 50 + 1] * 4, "cpu")
+    causal_lm_log_prob_fn(tiny_lm)(long_ids, long_attn, long_act)
+    assert shapes[-1] == tuple(long_ids.shape)
+    with pytest.raises(ValueError, match="one prompt"):  # rows that do not share their prompt
+        causal_lm_log_prob_fn(tiny_lm)(torch.cat([ids[:1], ids[1:].flip(1)]), attn, act)
+    # Flash-attention takes no custom mask; a sliding window would be lost with it.
+    assert shares_prompt(tiny_lm)
+    tiny_lm.config.layer_types = ["sliding_attention", "full_attention"]
+    assert not shares_prompt(tiny_lm)
+    tiny_lm.config.layer_types = ["full_attention"] * 2
+    tiny_lm.config._attn_implementation = "flash_attention_2"
+    assert not shares_prompt(tiny_lm)
+
+
 @pytest.mark.parametrize("max_tokens", [10_000, 14])  # one micro-batch; several (budget 14 < 2 rows)
 def test_gradient_on_policy_and_off_policy(tiny_lm, max_tokens):
     fn = causal_lm_log_prob_fn(tiny_lm)
@@ -191,10 +240,12 @@ def test_copies_of_a_response_run_as_one_row(tiny_lm):
 
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_behavior_log_probs_are_bitwise_what_the_gradient_pass_sees(tiny_lm, checkpointing):
-    fn = causal_lm_log_prob_fn(tiny_lm)
-    behavior = behavior_log_probs(fn, PROMPT, RESPONSES, 14, "cpu")  # eval mode, no checkpointing
+    # As in the actor: checkpointing is enabled when the model is loaded, teacher forcing runs in
+    # eval mode (so checkpoints nothing) and the gradient pass in checkpointing_mode.
     if checkpointing:
         tiny_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    fn = causal_lm_log_prob_fn(tiny_lm)
+    behavior = behavior_log_probs(fn, PROMPT, RESPONSES, 14, "cpu")
     for batch in plan_micro_batches([len(r) for r in RESPONSES], len(PROMPT), 14):
         ids, attn, act = pack_micro_batch(PROMPT, [RESPONSES[k] for k in batch], "cpu")
         with torch.enable_grad(), checkpointing_mode(tiny_lm):

@@ -98,7 +98,7 @@ def _oracle(model_dir, items):
     model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager").eval()
     params = [p for p in model.parameters() if p.requires_grad]
     projector = SparseProjector(total_params=sum(p.numel() for p in params), **PROJECTOR)
-    fn = causal_lm_log_prob_fn(model)
+    fn = causal_lm_log_prob_fn(model, share_prompt=False)  # whole rows: the actor packs them onto one prompt
     grads = [_full_gradient(fn, params, it) for it in items]
     flat = [torch.cat([g.reshape(-1) for g in grad]).double() for grad in grads]
     means = [sum(flat[n] for n in val) / len(val) for val in VAL_SETS]
