@@ -28,8 +28,9 @@ The model is reached only through a ``LogProbFn``:
 
 returning the log-probs of the LAST A tokens of each row (values where action_mask is 0 are
 ignored). This is the contract of OpenRLHF's ``Actor.forward(sequences, action_mask=...,
-attention_mask=...)``, so the integration passes the Actor; ``causal_lm_log_prob_fn`` is the
-same computation for a plain transformers causal LM. Rows are laid out as
+attention_mask=...)``; ``causal_lm_log_prob_fn`` is the same computation for a plain
+transformers causal LM (the integration passes it the Actor's module), on one shared copy of the
+prompt where that is cheaper. Rows are laid out as
 ``[prompt | response | right padding]`` (one prompt per call, so no left padding is needed).
 ``checkpointing_mode`` runs such a model with activation checkpointing as in training but
 without dropout.
