@@ -124,6 +124,8 @@ class _CropiPolicyModelActor(PolicyModelActor.__ray_actor_class__):
                 total = sum(self._numels())
             except ValueError as error:
                 raise CropiFlagError(f"--cropi.grad_layers {cropi.grad_layers}: {error}") from None
+            if cropi.cascade:  # its second stage takes every parameter's gradient
+                total = sum(self._numels(layers=0))
             if cropi.projector == "none":
                 check_exact_memory(cropi, total, free_device_bytes())
             else:
@@ -135,12 +137,15 @@ class _CropiPolicyModelActor(PolicyModelActor.__ray_actor_class__):
     def _cropi_model(self) -> torch.nn.Module:
         return self.actor.model.module  # the HF model inside the DeepSpeed engine
 
-    def _params(self) -> list[torch.nn.Parameter]:
-        """The parameters CROPI's gradients are taken with respect to (--cropi.grad_layers)."""
-        return top_layers_parameters(self._cropi_model(), self.strategy.args.cropi.grad_layers)
+    def _params(self, layers: int | None = None) -> list[torch.nn.Parameter]:
+        """The parameters CROPI's gradients are taken with respect to: the top ``layers`` blocks, by
+        default the phase's stage's (``cropi_use_layers``), else --cropi.grad_layers."""
+        if layers is None:
+            layers = self._phase_state.get("layers", self.strategy.args.cropi.grad_layers)
+        return top_layers_parameters(self._cropi_model(), layers)
 
-    def _numels(self) -> list[int]:
-        return [getattr(p, "ds_numel", p.numel()) for p in self._params()]  # ZeRO-3 keeps the full size in ds_numel
+    def _numels(self, layers: int | None = None) -> list[int]:
+        return [getattr(p, "ds_numel", p.numel()) for p in self._params(layers)]  # ZeRO-3: the full size in ds_numel
 
     def _zero3(self) -> bool:
         return self.strategy.args.ds.zero_stage == 3
@@ -311,6 +316,11 @@ class _CropiPolicyModelActor(PolicyModelActor.__ray_actor_class__):
             return exact.cosines_from_dots(dots, norms) if bool(torch.isfinite(dots).all()) else None
 
         return self._gradient_pass(shares, max_tokens, "CROPI exact scores", compute)
+
+    def cropi_use_layers(self, layers: int) -> None:
+        """--cropi.cascade: the gradients of the top ``layers`` blocks (0: every parameter) until
+        ``cropi_end_phase``, which also drops the targets and layout built for the previous stage."""
+        self._phase_state["layers"] = layers
 
     def cropi_end_phase(self) -> None:
         """Drop what this phase's scoring kept (projector layout, exact targets) before training resumes."""

@@ -472,7 +472,7 @@ class _CropiPPOTrainer(PPOTrainer.__ray_actor_class__):
         status = {"cropi/phase": phase, "cropi/prompts_zero_variance": float(pool.zero_variance.sum()),
                   "cropi/prompts_zero_gradient": float(pool.zero_gradient.sum())}  # fmt: skip
         # A fresh random draw each phase; the others break ties by one seeded order in every phase.
-        drawn = self.cropi.selector in ("random", "variance")
+        drawn, extra = self.cropi.selector in ("random", "variance"), {}
         seed = self.cropi.seed + phase if drawn else self.cropi.seed
         if self.cropi.selector in ("bm25", "embedding"):  # scored once, at the start
             cosines, t_grad, t_score = self._similarity, 0.0, 0.0
@@ -484,7 +484,7 @@ class _CropiPPOTrainer(PPOTrainer.__ray_actor_class__):
                                                     seed=seed)  # fmt: skip
             cosines, t_grad, t_score = [], 0.0, 0.0
         else:
-            selected, scores, cosines, t_grad, grad_status = self._influence(phase, usable, pass_rate)
+            selected, scores, cosines, t_grad, grad_status, extra = self._influence(phase, usable, pass_rate)
             t_score = time.time() - t0 - t_grad
             status.update(grad_status)
         for v, c in enumerate(cosines):  # bm25: scores, not cosines
@@ -504,7 +504,7 @@ class _CropiPPOTrainer(PPOTrainer.__ray_actor_class__):
                 "cropi/time_scoring": t_score,
             }
         )
-        self._save_phase(phase, selected, scores, cosines, status, seed)
+        self._save_phase(phase, selected, scores, cosines, status, seed, extra)
         logger.info(f"CROPI phase {phase}: {len(selected)} prompts selected ({self.cropi.selector}): {status}")
         return status
 
@@ -516,9 +516,33 @@ class _CropiPPOTrainer(PPOTrainer.__ray_actor_class__):
             raise RuntimeError(f"CROPI phase {phase}: {error}") from None
 
     def _influence(self, phase: int, usable: torch.Tensor, pass_rate: torch.Tensor):
-        """Validation targets first, then the pool chunk by chunk: only one chunk of d-vectors (or,
-        exact, of cosines) exists at a time. The ranks keep the phase's projector layout or exact
-        targets until the pool is scored."""
+        """The pool's cosines and the selection; with --cropi.cascade, first the cheap stage on the
+        whole pool, then every parameter's gradients on its top C x alpha, the selection among them."""
+        cropi, candidates, t_grad = self.cropi, self._scored["pool"], 0.0
+        status, extra = {}, {}
+        if cropi.cascade:
+            cheap, nonfinite_cheap, t_grad = self._pool_cosines(candidates, cropi.grad_layers)
+            shortlist, _ = self._select_prompts(phase, "influence", min(1.0, cropi.cascade * cropi.alpha), usable,
+                                                pass_rate, cheap, ~torch.isnan(cheap[0]), cropi.rrf_k, seed=cropi.seed)  # fmt: skip
+            candidates = sorted(shortlist)
+            status = {"cropi/cascade_shortlist": float(len(shortlist)), "cropi/time_gradients_cheap": t_grad,
+                      "cropi/prompts_scored_cheap": float((~torch.isnan(cheap[0])).sum()),
+                      "cropi/prompts_nonfinite_cheap": float(nonfinite_cheap)}  # fmt: skip
+            extra = {"cascade": {"layers": cropi.grad_layers, "shortlist": shortlist, "cosines": cheap}}
+        cosines, nonfinite, t_full = self._pool_cosines(candidates, 0 if cropi.cascade else cropi.grad_layers)
+        scored = ~torch.isnan(cosines[0])
+        selected, scores = self._select_prompts(
+            phase, "influence", cropi.alpha, usable, pass_rate, cosines, scored, cropi.rrf_k, seed=cropi.seed
+        )
+        status |= {"cropi/prompts_scored": float(scored.sum()), "cropi/prompts_nonfinite": float(nonfinite)}
+        return selected, scores, cosines, t_grad + t_full, status, extra
+
+    def _pool_cosines(self, candidates: list[int], layers: int) -> tuple[list[torch.Tensor], int, float]:
+        """Validation targets first, then the pool's ``candidates`` chunk by chunk, with the gradients
+        of the top ``layers`` blocks (0: all): only one chunk of d-vectors (or, exact, of cosines)
+        exists at a time. The ranks keep the projector layout or exact targets until the pool is
+        scored. Returns the cosines per validation set, the count of non-finite gradients, and
+        the seconds on the ranks."""
         max_tokens, exact = self.cropi.max_tokens_per_gpu, self.cropi.projector == "none"
         projector = {"keep_ratio": self.cropi.keep_ratio, "proj_dim": self.cropi.proj_dim,
                      "kind": self.cropi.projector, "seed": self.cropi.seed}  # fmt: skip
@@ -531,6 +555,7 @@ class _CropiPPOTrainer(PPOTrainer.__ray_actor_class__):
             t_grad += time.time() - t0
             return out
 
+        ray.get(self.actor_model_group.async_run_method("cropi_use_layers", layers))
         try:
             targets = []
             for split in (s for s in self.splits if s != "pool"):
@@ -553,22 +578,18 @@ class _CropiPPOTrainer(PPOTrainer.__ray_actor_class__):
             cosines_of = pool_gradients if exact else projected_cosines(pool_gradients, targets)
             world = self.args.actor.num_nodes * self.args.actor.num_gpus_per_node
             cosines, nonfinite = pool_cosines(
-                self._scored["pool"], len(usable), len(self.splits) - 1, cosines_of,
-                chunk=SCORE_CHUNK_PER_RANK * world, progress="CROPI scoring",
+                candidates, len(self._summaries["pool"]), len(self.splits) - 1, cosines_of,
+                chunk=SCORE_CHUNK_PER_RANK * world, progress="CROPI scoring" + (f" (top {layers} blocks)" if layers else ""),
             )  # fmt: skip
-        finally:  # the ranks drop the phase's projector layout or exact targets before training resumes
+        finally:  # the ranks drop the stage's layers, projector layout or exact targets before training resumes
             ray.get(self.actor_model_group.async_run_method("cropi_end_phase"))
-        scored = ~torch.isnan(cosines[0])
-        selected, scores = self._select_prompts(
-            phase, "influence", self.cropi.alpha, usable, pass_rate, cosines, scored, self.cropi.rrf_k, seed=self.cropi.seed
-        )
-        status = {"cropi/prompts_scored": float(scored.sum()),
-                  "cropi/prompts_nonfinite": float(nonfinite.sum() + nonfinite_val)}  # fmt: skip
-        return selected, scores, cosines, t_grad, status
+        return cosines, int(nonfinite.sum()) + nonfinite_val, t_grad
 
-    def _save_phase(self, phase, selected: list[int], scores: torch.Tensor, cosines: list, status: dict, seed: int):
+    def _save_phase(self, phase, selected: list[int], scores: torch.Tensor, cosines: list, status: dict, seed: int,
+                    extra: dict):
         """phases/phase-NNN.json: the selection, each pool prompt's score and cosine per validation
-        set (bm25: its BM25 score; null where unscored), the tie-break order; phase-NNN.jsonl: the selected rows, usable
+        set (bm25: its BM25 score; null where unscored), the tie-break order, with --cropi.cascade
+        the cheap stage's layers, shortlist and cosines; phase-NNN.jsonl: the selected rows, usable
         as a prompt dataset."""
         out = self.store_dir / "phases"
         out.mkdir(parents=True, exist_ok=True)
@@ -584,6 +605,9 @@ class _CropiPPOTrainer(PPOTrainer.__ray_actor_class__):
             "cosines": [finite_or_none(c) for c in cosines],
             "status": status,
         }
+        if "cascade" in extra:
+            cascade = extra["cascade"]
+            record["cascade"] = {**cascade, "cosines": [finite_or_none(c) for c in cascade["cosines"]]}
         if self.cropi.selector not in ("random", "variance"):
             # Among equal scores, the prompt earlier in this permutation wins; the same in every phase.
             record["tie_break"] = {"seed": seed, "permutation": tie_break_permutation(len(scores), seed).tolist()}

@@ -118,6 +118,10 @@ def test_openrlhfs_own_classes_cannot_run_in_a_cropi_job(files, monkeypatch):
         (["--cropi.val_datasets", "{val}", "--train.num_episodes", "2"], "--train.num_episodes"),
         (["--cropi.val_datasets", "{badkey}"], "--cropi.val_datasets: {badkey} has no column 'prompt'"),
         (["--cropi.val_datasets", "{val}", "--cropi.max_tokens_per_gpu", "0"], "--cropi.max_tokens_per_gpu: must be >= 1"),
+        (["--cropi.val_datasets", "{val}", "--cropi.cascade", "3"], "--cropi.cascade: its cheap stage is the gradients of"),
+        (["--cropi.val_datasets", "{val}", "--cropi.cascade", "0.5", "--cropi.grad_layers", "1"], "--cropi.cascade: must be 0"),
+        (["--cropi.val_datasets", "{val}", "--cropi.cascade", "3", "--cropi.grad_layers", "1", "--cropi.selector", "bm25"],
+         "--cropi.cascade: scores influence only"),
         (["--cropi.val_datasets", "{val}", "--actor.gradient_checkpointing_enable",
           "--actor.gradient_checkpointing_reentrant"], "--actor.gradient_checkpointing_reentrant: reentrant"),
         # What CROPI cannot score from a prompt's own behavior rollouts, or does not implement.

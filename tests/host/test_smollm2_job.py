@@ -10,11 +10,14 @@ Checked on the job's rollout store and phase files:
   --rollout.temperature log beta is taken at, although the behavior sampled at 0.5);
 - at phase 0 every rho is 1: log beta equals the initial policy's own log-probs (plain
   transformers, an independent oracle);
-- the phase-0 and phase-1 selections are written: a cosine for every pool prompt that has reward
-  variance and none for the others, and the top fused scores among those selected;
-- the job scores exactly (--cropi.projector none): its phase-0 cosines are those of plain
-  transformers' whole GRPO gradients (rho = 1 at the initial policy, one unpadded row per
-  response, OpenRLHF's default token-mean weights) with the validation prompts' mean gradient.
+- the job scores exactly (--cropi.projector none) in a cascade (--cropi.cascade 2 over
+  --cropi.grad_layers 4): in each phase a cheap cosine for every pool prompt that has reward
+  variance and none for the others, the top 1.5 x alpha of them by it scored again with every
+  parameter, and the selection the best of those by that full score;
+- its phase-0 cosines, both stages, are those of plain transformers' whole GRPO gradients
+  (rho = 1 at the initial policy, one unpadded row per response, OpenRLHF's default token-mean
+  weights) with the validation prompts' mean gradient: the cheap stage's over the parameters
+  of blocks 26-29 and the final norm (chosen by name here), the full stage's over all.
 """
 
 import json
@@ -33,6 +36,7 @@ MAX_NEW_TOKENS = 40
 # Measured on the development machine (AVX2): 4.7e-5 (vLLM) and 3.1e-5 (rho - 1) at most over 1827 tokens.
 VLLM_TOL = 5e-4
 ORACLE_TOL = 5e-4
+CASCADE, GRAD_LAYERS = 1.5, 4  # a shortlist of 6 of the 16-prompt pool, 4 selected
 
 
 def _problems():
@@ -77,14 +81,18 @@ def _oracle_log_probs(model_dir, records):
 
 
 def _oracle_cosines(model_dir, val_records, pool_records):
-    """Cosine (float64) of each pool prompt's whole phase-0 gradient with the validation prompts'
-    mean gradient: plain transformers, one unpadded row per response, one autograd.grad per prompt."""
+    """Cosines (float64) of each pool prompt's phase-0 gradient with the validation prompts' mean
+    gradient, over the top GRAD_LAYERS blocks and the final norm and over every parameter: plain
+    transformers, one unpadded row per response, one autograd.grad per prompt."""
     from transformers import AutoModelForCausalLM
 
     from openrlhf_cropi.core.advantages import Objective
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager").eval()
-    params = [p for p in model.parameters() if p.requires_grad]
+    names, params = zip(*[(n, p) for n, p in model.named_parameters() if p.requires_grad])
+    num_layers = model.config.num_hidden_layers
+    top = tuple(f"model.layers.{i}." for i in range(num_layers - GRAD_LAYERS, num_layers)) + ("model.norm.",)
+    cheap = torch.cat([torch.full((p.numel(),), n.startswith(top)) for n, p in zip(names, params)])
     weights_of = Objective(loss_agg_mode="token-mean").weights  # OpenRLHF's default aggregation
 
     def gradient(rec):
@@ -96,8 +104,12 @@ def _oracle_cosines(model_dir, val_records, pool_records):
             total = total + w[k] * torch.exp(lp - lp.detach()).mean()  # rho = 1, its gradient that of log pi
         return torch.cat([g.reshape(-1).double() for g in torch.autograd.grad(total, params)])
 
+    def cosine(a, b):
+        return float(torch.nn.functional.cosine_similarity(a, b, dim=0))
+
     target = sum(gradient(rec) for rec in val_records) / len(val_records)
-    return [float(torch.nn.functional.cosine_similarity(gradient(rec), target, dim=0)) for rec in pool_records]
+    pairs = [(cosine(g[cheap], target[cheap]), cosine(g, target)) for g in map(gradient, pool_records)]  # one at a time
+    return [cheap_cosine for cheap_cosine, _ in pairs], [full_cosine for _, full_cosine in pairs]
 
 
 def test_smollm2_cropi_job(cpu_env, tmp_path):
@@ -124,6 +136,7 @@ def test_smollm2_cropi_job(cpu_env, tmp_path):
         "--cropi.enable", "--cropi.val_datasets", _jsonl(tmp_path / "val.jsonl", val), "--cropi.alpha", "0.25",
         "--cropi.steps_per_phase", "1", "--cropi.num_phases", "2", "--cropi.train_samples", "4",
         "--cropi.val_samples", "4", "--cropi.behavior_temperature", "0.5", "--cropi.projector", "none",
+        "--cropi.cascade", CASCADE, "--cropi.grad_layers", GRAD_LAYERS,
     ]  # fmt: skip
     # Actor and vLLM engine (no reference model: KL off), each on a logical Ray "GPU".
     script = '. launch/local/cpu_env.sh; start_ray 2; trap stop_ray EXIT; python -m openrlhf_cropi.cli.train_ppo_ray "$@"'
@@ -163,26 +176,33 @@ def test_smollm2_cropi_job(cpu_env, tmp_path):
     assert logged and int(logged[1]) == len(behavior) and abs(float(logged[2]) - vllm_gap) <= 0.01 * vllm_gap + 1e-9
     assert rho_gap < ORACLE_TOL
 
-    # Selections: a cosine for every pool prompt with reward variance, none for the others; the
-    # selected prompts are those with the best fused scores.
+    # Selections, a cascade: a cheap cosine for every pool prompt with reward variance, none for
+    # the others; the shortlist is the best 1.5 x alpha of them by it (all of them where fewer have
+    # variance), the only prompts with a full cosine; the selected prompts are the shortlist's best by that.
     variance = [bool(rec.rewards.max() > rec.rewards.min()) for rec in records[: len(pool)]]
-    assert any(variance), "no pool prompt has reward variance: nothing to select"
+    assert sum(variance) > len(pool) // 4, f"{sum(variance)} pool prompts with reward variance: nothing to choose"
     for phase in (0, 1):
         record = json.loads((store_dir / f"phases/phase-{phase:03d}.json").read_text())
-        assert [c is not None for c in record["cosines"][0]] == variance
+        cheap, full = record["cascade"]["cosines"][0], record["cosines"][0]
+        assert record["cascade"]["layers"] == GRAD_LAYERS and [c is not None for c in cheap] == variance
+        shortlist = record["cascade"]["shortlist"]
+        assert len(shortlist) == min(int(CASCADE * len(pool) // 4), sum(variance))
+        rest = [c for i, c in enumerate(cheap) if variance[i] and i not in shortlist]
+        assert min(cheap[i] for i in shortlist) >= max(rest, default=float("-inf"))
+        assert sorted(i for i, c in enumerate(full) if c is not None) == sorted(shortlist)
         selected = record["selected"]
-        assert len(selected) == min(len(pool) // 4, sum(variance)) and all(variance[i] for i in selected)
-        scores = record["scores"]
-        rest = [s for i, s in enumerate(scores) if variance[i] and i not in selected]
-        assert min(scores[i] for i in selected) >= max(rest, default=float("-inf"))
+        assert len(selected) == len(pool) // 4 and set(selected) <= set(shortlist)
+        assert min(full[i] for i in selected) >= max(full[i] for i in shortlist if i not in selected)
 
-    # Exact scores at phase 0 against plain transformers' whole gradients.
-    phase0 = json.loads((store_dir / "phases/phase-000.json").read_text())["cosines"][0]
+    # Exact scores at phase 0, both stages, against plain transformers' gradients.
+    phase0 = json.loads((store_dir / "phases/phase-000.json").read_text())
     val_store = RolloutStore(store_dir / "rollouts/val0")
     val_records = [val_store.get(i) for i in val_store.summary().index[val_store.summary().usable].tolist()]
     scored = [i for i in range(len(pool)) if variance[i]]
-    want = _oracle_cosines(model, val_records, [records[i] for i in scored])
-    got = [phase0[i] for i in scored]
-    error = max(abs(a - b) for a, b in zip(got, want))
-    print(f"exact phase-0 cosines {want}, max |job - oracle| {error:.2e}")
-    assert max(map(abs, want)) > 0.05 and error < 1e-4  # seen 5.7e-6 (AVX512)
+    want_cheap, want_full = _oracle_cosines(model, val_records, [records[i] for i in scored])
+    shortlist = phase0["cascade"]["shortlist"]
+    pairs = [(phase0["cascade"]["cosines"][0][i], c) for i, c in zip(scored, want_cheap)]
+    pairs += [(phase0["cosines"][0][i], c) for i, c in zip(scored, want_full) if i in shortlist]
+    error = max(abs(a - b) for a, b in pairs)
+    print(f"exact phase-0 cosines, top {GRAD_LAYERS} blocks {want_cheap}, all {want_full}; max |job - oracle| {error:.2e}")
+    assert max(map(abs, want_cheap)) > 0.05 and max(map(abs, want_full)) > 0.05 and error < 1e-4  # seen 5.7e-6 (AVX512, all)
