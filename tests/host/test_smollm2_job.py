@@ -10,7 +10,7 @@ Checked on the job's rollout store and phase files:
   --rollout.temperature log beta is taken at, although the behavior sampled at 0.5);
 - at phase 0 every rho is 1: log beta equals the initial policy's own log-probs (plain
   transformers, an independent oracle);
-- the job scores exactly (--cropi.projector none) in a cascade (--cropi.cascade 2 over
+- the job scores exactly (--cropi.projector none) in a cascade (--cropi.cascade 1.5 over
   --cropi.grad_layers 4): in each phase a cheap cosine for every pool prompt that has reward
   variance and none for the others, the top 1.5 x alpha of them by it scored again with every
   parameter, and the selection the best of those by that full score;
@@ -205,4 +205,4 @@ def test_smollm2_cropi_job(cpu_env, tmp_path):
     pairs += [(phase0["cosines"][0][i], c) for i, c in zip(scored, want_full) if i in shortlist]
     error = max(abs(a - b) for a, b in pairs)
     print(f"exact phase-0 cosines, top {GRAD_LAYERS} blocks {want_cheap}, all {want_full}; max |job - oracle| {error:.2e}")
-    assert max(map(abs, want_cheap)) > 0.05 and max(map(abs, want_full)) > 0.05 and error < 1e-4  # seen 5.7e-6 (AVX512, all)
+    assert max(map(abs, want_cheap)) > 0.05 and max(map(abs, want_full)) > 0.05 and error < 1e-4  # seen 5.7e-6 (AVX512) before the cascade, whole gradients
